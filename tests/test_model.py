@@ -1,0 +1,282 @@
+"""Behaviour of the four variants: shapes, causality, budgets, equivalences."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from ztt_jax import model
+from ztt_jax.errors import ConfigError
+
+B, T, V = 2, 12, 64
+
+
+def make_cfg(variant='ztt', **overrides):
+  m = tiny.get_config(variant).model
+  m.vocab_size = V
+  m.update(overrides)
+  return model.ModelConfig.from_config(m)
+
+
+def tokens(seed=1):
+  return jax.random.randint(jax.random.key(seed), (B, T), 0, V)
+
+
+def apply(cfg, params, tokens_BxT, **kwargs):
+  return jax.jit(functools.partial(model.build(cfg).apply, **kwargs))(
+      {'params': params}, tokens_BxT)
+
+
+def random_params(cfg, seed=0):
+  """Random params of the right tree (no init compile: fast, and unlike the
+  init they have non-zero gate weights and non-unit norm scales)."""
+  rng = np.random.default_rng(seed)
+  abstract = model.abstract_params(model.build(cfg))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.asarray(
+          ('scale' in str(path)) + 0.2 * rng.standard_normal(a.shape),
+          a.dtype), abstract)
+
+
+def init_apply(cfg, tokens_BxT=None, seed=0):
+  module = model.build(cfg)
+  params = random_params(cfg, seed)
+  tokens_BxT = tokens() if tokens_BxT is None else tokens_BxT
+  return module, params, apply(cfg, params, tokens_BxT)
+
+
+def count(cfg):
+  return model.count_params(model.abstract_params(model.build(cfg)))
+
+
+ALL_SETTINGS = (
+    [dict(variant=v) for v in model.VARIANTS]
+    + [dict(variant='ztt', zero_pool=p, gate=g)
+       for p in model.ZERO_POOLS for g in model.GATES]
+    + [dict(variant='basic_cycle', exit_loss='uniform'),
+       dict(variant='head_tail_cycle', exit_loss='last')])
+
+
+@pytest.mark.parametrize('settings', ALL_SETTINGS, ids=str)
+def test_output_shapes_and_dtypes(settings):
+  cfg = make_cfg(**settings)
+  c = cfg.cycles
+  _, _, out = init_apply(cfg)
+  chex.assert_shape(out.logits, (B, T, V))
+  chex.assert_type(out.logits, jnp.float32)
+  chex.assert_tree_all_finite(out)
+  if cfg.exit_heads:
+    chex.assert_shape(out.cycle_logits, (c, B, T, V))
+    chex.assert_type(out.cycle_logits, jnp.float32)
+  else:
+    assert out.cycle_logits is None
+  if cfg.zero_pool == 'none':
+    assert out.zero_attention is None
+  else:
+    chex.assert_shape(out.zero_attention, (c, B, T))
+    assert np.all((out.zero_attention > 0) & (out.zero_attention < 1))
+  if cfg.gate == 'none':
+    assert out.gate is None
+  else:
+    chex.assert_shape(out.gate, (c, B, T))
+    assert np.all((out.gate > 0) & (out.gate < 1))
+
+
+def test_init_opens_the_gate():
+  cfg = make_cfg('ztt')
+  params = model.init_params(model.build(cfg), jax.random.key(0))
+  out = apply(cfg, params, tokens())
+  # The gate bias starts at +3 and its weights at 0: open at initialisation.
+  np.testing.assert_allclose(out.gate, jax.nn.sigmoid(3.0), atol=1e-5)
+  np.testing.assert_allclose(params['mid']['gate_b'], 3.0)
+
+
+def test_ztt_defaults_resolve():
+  cfg = make_cfg('ztt')
+  assert (cfg.zero_pool, cfg.gate, cfg.exit_loss) == (
+      'cycle_layer', 'token', 'linear')
+  for v in ('vanilla', 'basic_cycle', 'head_tail_cycle'):
+    cfg = make_cfg(v)
+    assert (cfg.zero_pool, cfg.gate, cfg.exit_loss) == ('none',) * 3
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  cfg = make_cfg('ztt', dtype='bfloat16')
+  _, params, out = init_apply(cfg)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  chex.assert_type([out.logits, out.cycle_logits, out.zero_attention],
+                   jnp.float32)
+
+
+@pytest.mark.parametrize('variant', model.VARIANTS)
+def test_causality(variant):
+  cfg = make_cfg(variant)
+  x_BxT = tokens()
+  t = 5
+  changed_BxT = x_BxT.at[:, t + 1:].set((x_BxT[:, t + 1:] + 7) % V)
+  _, params, a = init_apply(cfg, x_BxT)
+  b = apply(cfg, params, changed_BxT)
+  time_axis = dict(logits=-2, cycle_logits=-2, zero_attention=-1, gate=-1)
+  for field, axis in time_axis.items():
+    x, y = getattr(a, field), getattr(b, field)
+    if x is not None:
+      past = lambda z, axis=axis: np.take(np.asarray(z), np.arange(t + 1),
+                                          axis=axis)
+      np.testing.assert_array_equal(past(x), past(y), err_msg=field)
+  # And the future does change: the check above is not vacuous.
+  assert not np.allclose(a.logits[:, t + 1:], b.logits[:, t + 1:])
+
+
+def test_parameter_budget():
+  htc = {c: count(make_cfg('head_tail_cycle', n_cycles=c)) for c in (1, 2, 5)}
+  assert len(set(htc.values())) == 1, htc
+  n_htc = htc[2]
+  assert count(make_cfg('vanilla')) == n_htc
+  assert count(make_cfg('basic_cycle')) == n_htc
+  cfg = make_cfg('ztt', n_cycles=4)
+  c, k, h, d = 4, cfg.mid_layers, cfg.n_heads, cfg.resolved_head_dim
+  gate_params = c * cfg.d_model + c  # token gate: w [C, D] and b [C].
+  assert count(cfg) == n_htc + c * k * h * d + gate_params
+  assert count(make_cfg('ztt', n_cycles=4, gate='none')) == n_htc + c * k * h * d
+  assert count(make_cfg('ztt', zero_pool='cycle', gate='scalar',
+                        n_cycles=4)) == n_htc + c * h * d + c
+  assert count(make_cfg('ztt', zero_pool='layer', gate='none',
+                        n_cycles=4)) == n_htc + k * h * d
+  assert count(make_cfg('ztt', zero_pool='none', gate='none')) == n_htc
+
+
+@pytest.mark.parametrize('variant', model.VARIANTS)
+def test_scan_and_unrolled_give_same_logits(variant):
+  cfg = make_cfg(variant, remat_policy='full')
+  _, params, out = init_apply(cfg)
+  unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
+  unrolled_params = model.convert_params(params, scan_layers=False)
+  assert 'layers_1' in unrolled_params['mid']['cycle']['stack']
+  out2 = apply(unrolled_cfg, unrolled_params, tokens())
+  chex.assert_trees_all_close(out, out2, atol=1e-5, rtol=1e-5)
+  back = model.convert_params(unrolled_params, scan_layers=True)
+  chex.assert_trees_all_equal(back, params)
+
+
+def test_unrolled_init_has_same_tree_as_converted_scan_init():
+  cfg = make_cfg('ztt')
+  scanned = model.abstract_params(model.build(cfg))
+  unrolled = model.abstract_params(
+      model.build(dataclasses.replace(cfg, scan_layers=False)))
+  converted = jax.eval_shape(
+      lambda p: model.convert_params(p, scan_layers=False), scanned)
+  chex.assert_trees_all_equal_shapes_and_dtypes(converted, unrolled)
+
+
+def test_ztt_without_pool_and_gate_is_head_tail_cycle():
+  _, params, htc = init_apply(make_cfg('head_tail_cycle'))
+  cfg = make_cfg('ztt', zero_pool='none', gate='none', exit_loss='none')
+  out = apply(cfg, params, tokens())
+  np.testing.assert_array_equal(out.logits, htc.logits)
+
+
+def test_vanilla_is_one_cycle_of_head_tail_cycle():
+  _, params, van = init_apply(make_cfg('vanilla'))
+  out = apply(make_cfg('head_tail_cycle', n_cycles=1), params, tokens())
+  np.testing.assert_array_equal(out.logits, van.logits)
+
+
+def test_cycles_change_the_output():
+  _, params, two = init_apply(make_cfg('head_tail_cycle', n_cycles=2))
+  three = apply(make_cfg('head_tail_cycle', n_cycles=3), params, tokens())
+  assert not np.allclose(two.logits, three.logits)
+
+
+def test_last_exit_head_is_the_output_and_first_is_one_cycle():
+  cfg = make_cfg('ztt', gate='none', zero_pool='none', exit_loss='uniform')
+  _, params, out = init_apply(cfg)
+  np.testing.assert_array_equal(out.cycle_logits[-1], out.logits)
+  # Exit head 0 sees the state after one cycle: same as a 1-cycle model.
+  one = apply(make_cfg('head_tail_cycle', n_cycles=1), params, tokens())
+  np.testing.assert_allclose(out.cycle_logits[0], one.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize('pool', ['cycle_layer', 'cycle', 'layer'])
+@pytest.mark.parametrize('exit_loss', ['none', 'linear'])
+def test_every_zero_key_gets_a_gradient(pool, exit_loss):
+  cfg = make_cfg('ztt', zero_pool=pool, exit_loss=exit_loss)
+  module = model.build(cfg)
+  params = random_params(cfg)
+  x_BxT = tokens()
+
+  def loss(p):
+    out = module.apply({'params': p}, x_BxT)
+    logits = out.cycle_logits if out.cycle_logits is not None else out.logits
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+  grads = jax.jit(jax.grad(loss))(params)
+  g = grads['mid']['zero_keys']
+  assert g.shape == params['mid']['zero_keys'].shape
+  per_key = np.abs(np.asarray(g)).reshape(-1, cfg.resolved_head_dim).sum(-1)
+  assert np.all(per_key > 0), per_key
+
+
+def test_dropout_is_random_only_when_not_deterministic():
+  cfg = make_cfg('ztt', dropout=0.5)
+  module = model.build(cfg)
+  params = random_params(cfg)
+  run = jax.jit(lambda key: module.apply(
+      {'params': params}, tokens(), deterministic=False,
+      rngs={'dropout': jax.random.key(key)}).logits)
+  assert not np.allclose(run(0), run(1))
+  np.testing.assert_array_equal(run(0), run(0))
+  det = apply(cfg, params, tokens()).logits
+  assert not np.allclose(det, run(0))
+
+
+def test_untied_embeddings_add_a_head():
+  cfg = make_cfg('ztt', tie_embeddings=False)
+  assert count(cfg) == count(make_cfg('ztt')) + V * cfg.d_model
+
+
+def test_every_param_has_logical_axes():
+  cfg = make_cfg('ztt')
+  boxed = model.abstract_params(model.build(cfg), boxed=True)
+  leaves = jax.tree.leaves(
+      boxed, is_leaf=lambda x: isinstance(x, model.nn.Partitioned))
+  assert all(isinstance(x, model.nn.Partitioned) for x in leaves)
+  for box in leaves:
+    assert len(box.names) == box.value.ndim, box
+  stacked = boxed['mid']['cycle']['stack']['layers']['attn']['query']['kernel']
+  assert stacked.names == ('layers', 'embed', 'heads', 'kv')
+
+
+def test_flops_per_token_counts_cycles():
+  base = dict(exit_loss='none')
+  f = {c: model.flops_per_token(make_cfg('head_tail_cycle', n_cycles=c,
+                                         **base), 64) for c in (1, 2, 4)}
+  assert f[4] - f[2] == pytest.approx(2 * (f[2] - f[1]))
+  # Vanilla with head + C*K + tail distinct layers costs as much as HTC.
+  cfg = make_cfg('head_tail_cycle', n_cycles=3, **base)
+  van = make_cfg('vanilla', n_mid_layers=3 * cfg.n_mid_layers)
+  assert model.flops_per_token(van, 64) == model.flops_per_token(cfg, 64)
+  # 6N rule of thumb for the matmul part when attention is negligible.
+  n_matmul = count(make_cfg('vanilla'))
+  assert model.flops_per_token(make_cfg('vanilla'), 1) == pytest.approx(
+      6 * n_matmul, rel=0.05)
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (dict(variant='deep'), 'model.variant'),
+    (dict(zero_pool='everywhere'), 'model.zero_pool'),
+    (dict(gate='always'), 'model.gate'),
+    (dict(n_cycles=0), 'model.n_cycles'),
+    (dict(n_heads=3), 'model.n_heads'),
+    (dict(variant='head_tail_cycle', zero_pool='cycle'), 'model.zero_pool'),
+    (dict(dropout=1.5), 'model.dropout'),
+    (dict(remat_policy='most'), 'model.remat_policy'),
+])
+def test_bad_model_config_names_the_field(overrides, field):
+  with pytest.raises(ConfigError, match=field.replace('.', r'\.')) as e:
+    make_cfg(**overrides)
+  assert '\n' not in str(e.value)

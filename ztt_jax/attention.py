@@ -1,0 +1,107 @@
+"""Causal attention with an optional zero token, plus rotary positions.
+
+The zero token (ZTT, Li et al. 2025, Fig. 1) is a virtual key prepended to
+the keys of an attention block: its key is a trainable vector that lives
+directly in key space (no projection, no rotary), it is visible to every
+query, and its value is all zeros. With `a0` the softmax mass a query puts on
+it, the block's output is `(1 - a0) * ordinary_causal_attention`, and `a0` is
+the statistic ZTT uses to decide how much a layer (and a cycle) still wants
+to change the hidden state.
+
+Axis names: B batch, T query time, S key time, H heads, K head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_MASK_VALUE = -1e30
+
+
+def rotary(x_BxTxHxK: jax.Array, positions_BxT: jax.Array,
+           theta: float = 10_000.0) -> jax.Array:
+  """Applies rotary position embeddings (split-half form) in float32."""
+  k = x_BxTxHxK.shape[-1]
+  freq_K2 = 1.0 / theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+  angle_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * freq_K2
+  sin_BxTx1xK2 = jnp.sin(angle_BxTxK2)[:, :, None, :]
+  cos_BxTx1xK2 = jnp.cos(angle_BxTxK2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_BxTx1xK2 - x2 * sin_BxTx1xK2,
+                         x2 * cos_BxTx1xK2 + x1 * sin_BxTx1xK2], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+def zero_token_attention(
+    q_BxTxHxK: jax.Array,
+    k_BxSxHxK: jax.Array,
+    v_BxSxHxK: jax.Array,
+    mask_BxTxS: jax.Array,
+    zero_key_HxK: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+  """Masked softmax attention over `[zero token, keys]`.
+
+  Args:
+    q_BxTxHxK: queries (rotary already applied).
+    k_BxSxHxK: keys (rotary already applied).
+    v_BxSxHxK: values.
+    mask_BxTxS: True where query t may attend to key s.
+    zero_key_HxK: the zero token's key per head, or None for plain attention.
+
+  Returns:
+    `(out_BxTxHxK, a0_BxTxH)`; `a0` is the softmax mass on the zero token
+    (None without a zero token). The softmax runs in float32 with its max
+    subtracted; `out` is in the dtype of `v`.
+  """
+  scale = 1.0 / np.sqrt(q_BxTxHxK.shape[-1])
+  s_BxHxTxS = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK, k_BxSxHxK,
+                         preferred_element_type=jnp.float32) * scale
+  s_BxHxTxS = jnp.where(mask_BxTxS[:, None], s_BxHxTxS, _MASK_VALUE)
+  if zero_key_HxK is None:
+    p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1)
+    a0_BxTxH = None
+  else:
+    s0_BxHxTx1 = jnp.einsum('bthk,hk->bht', q_BxTxHxK.astype(jnp.float32),
+                            zero_key_HxK.astype(jnp.float32))[..., None] * scale
+    full_BxHxTx1S = jax.nn.softmax(
+        jnp.concatenate([s0_BxHxTx1, s_BxHxTxS], axis=-1), axis=-1)
+    # The zero token's value is zero: it only takes mass away from the keys.
+    p_BxHxTxS = full_BxHxTx1S[..., 1:]
+    a0_BxTxH = jnp.transpose(full_BxHxTx1S[..., 0], (0, 2, 1))
+  out_BxTxHxK = jnp.einsum('bhts,bshk->bthk', p_BxHxTxS.astype(v_BxSxHxK.dtype),
+                           v_BxSxHxK)
+  return out_BxTxHxK, a0_BxTxH
+
+
+def causal_mask(q_positions_BxT: jax.Array,
+                k_positions_BxS: jax.Array) -> jax.Array:
+  """True where the key position is at or before the query position."""
+  return k_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
+
+
+def reference_attention_np(q_TxHxK, k_SxHxK, v_SxHxK, zero_key_HxK):
+  """Float64 NumPy reference for one sequence with causal masking (T == S).
+
+  Returns `(out_TxHxK, a0_TxH, plain_TxHxK)` where `plain` is ordinary causal
+  attention without the zero token, so tests can check
+  `out == (1 - a0) * plain`.
+  """
+  q, k, v, z = (np.asarray(a, np.float64)
+                for a in (q_TxHxK, k_SxHxK, v_SxHxK, zero_key_HxK))
+  t_len, n_heads, dim = q.shape
+  out = np.zeros_like(q)
+  plain = np.zeros_like(q)
+  a0 = np.zeros((t_len, n_heads))
+  for t in range(t_len):
+    for h in range(n_heads):
+      logits = np.concatenate([[q[t, h] @ z[h]], k[:t + 1, h] @ q[t, h]])
+      logits /= np.sqrt(dim)
+      w = np.exp(logits - logits.max())
+      w /= w.sum()
+      a0[t, h] = w[0]
+      out[t, h] = w[1:] @ v[:t + 1, h]
+      w_plain = np.exp(logits[1:] - logits[1:].max())
+      plain[t, h] = (w_plain / w_plain.sum()) @ v[:t + 1, h]
+  return out, a0, plain

@@ -1,0 +1,567 @@
+"""The Zero Token Transformer and its three baselines, in Flax Linen.
+
+One code path serves every variant (`config.model.variant`):
+
+  vanilla          head + mid + tail distinct layers, run once
+  basic_cycle      all layers form one stack, run `n_cycles` times
+  head_tail_cycle  head layers, middle stack run `n_cycles` times, tail layers
+  ztt              as head_tail_cycle, plus a zero-token pool, a gate, and an
+                   exit head after every cycle
+
+`build(config.model)` returns the module; `module.apply({'params': p},
+tokens_BxT)` returns a `ModelOutput`. See DESIGN.md for the readings of the
+paper fixed here (pool indexing, gate form, exit-loss weights).
+
+Axis names: B batch, T time, D model width, H heads, K head dim, F MLP width,
+V vocab, C cycles, L layers in a stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any
+
+import chex
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ztt_jax import attention
+from ztt_jax.errors import check
+
+VARIANTS = ('vanilla', 'basic_cycle', 'head_tail_cycle', 'ztt')
+ZERO_POOLS = ('none', 'cycle_layer', 'cycle', 'layer')
+GATES = ('none', 'scalar', 'token')
+EXIT_LOSSES = ('none', 'last', 'uniform', 'linear')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+          'float16': jnp.float16}
+
+
+# ----------------------------------------------------------------- config --
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Validated, hashable model settings (built from `config.model`).
+
+  `zero_pool`, `gate` and `exit_loss` may be 'auto' in the ConfigDict: for
+  `ztt` that means `cycle_layer`, `token`, `linear`; for the other variants
+  `none`.
+  """
+  variant: str = 'ztt'
+  vocab_size: int = 256
+  d_model: int = 128
+  n_heads: int = 4
+  head_dim: int = 0  # 0: d_model // n_heads.
+  d_ff: int = 0  # 0: a multiple of 32 near 8/3 * d_model (SwiGLU) or 4x.
+  n_head_layers: int = 1
+  n_mid_layers: int = 2
+  n_tail_layers: int = 1
+  n_cycles: int = 2
+  zero_pool: str = 'cycle_layer'
+  gate: str = 'token'
+  exit_loss: str = 'linear'
+  mlp: str = 'swiglu'
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  rope_theta: float = 10_000.0
+  init_std: float = 0.02
+  zero_key_init_std: float = 0.02
+  gate_bias_init: float = 3.0
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict | dict | ModelConfig
+                  ) -> ModelConfig:
+    """Checks every field and resolves 'auto' settings; raises ConfigError."""
+    if isinstance(cfg, ModelConfig):
+      return cfg
+    values = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    check(not unknown, f'config.model has unknown field(s) {unknown}; '
+          f'valid fields are {sorted(known)}')
+    variant = values.get('variant', cls.variant)
+    check(variant in VARIANTS, f'model.variant={variant!r} is not one of '
+          f'{VARIANTS}; pick one of them')
+    is_ztt = variant == 'ztt'
+    for name, auto in (('zero_pool', 'cycle_layer'), ('gate', 'token'),
+                       ('exit_loss', 'linear')):
+      if values.get(name, 'auto') == 'auto':
+        values[name] = auto if is_ztt else 'none'
+    return cls(**values)._validated()
+
+  def _validated(self) -> ModelConfig:
+    pos = lambda name: check(
+        isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+        f'model.{name}={getattr(self, name)!r} must be a positive integer')
+    nonneg = lambda name: check(
+        isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+        f'model.{name}={getattr(self, name)!r} must be an integer >= 0')
+    for name in ('vocab_size', 'd_model', 'n_heads', 'n_mid_layers',
+                 'n_cycles'):
+      pos(name)
+    for name in ('n_head_layers', 'n_tail_layers', 'head_dim', 'd_ff'):
+      nonneg(name)
+    for name, allowed in (('zero_pool', ZERO_POOLS), ('gate', GATES),
+                          ('exit_loss', EXIT_LOSSES),
+                          ('remat_policy', REMAT_POLICIES),
+                          ('mlp', ('swiglu', 'gelu')),
+                          ('dtype', tuple(DTYPES)),
+                          ('param_dtype', tuple(DTYPES))):
+      check(getattr(self, name) in allowed,
+            f'model.{name}={getattr(self, name)!r} is not one of {allowed}')
+    if self.variant != 'ztt':
+      for name in ('zero_pool', 'gate'):
+        check(getattr(self, name) == 'none',
+              f'model.{name}={getattr(self, name)!r} needs model.variant='
+              f"'ztt' (got {self.variant!r}); set model.{name}=auto or none")
+    if not self.head_dim:
+      check(self.d_model % self.n_heads == 0,
+            f'model.n_heads={self.n_heads} does not divide model.d_model='
+            f'{self.d_model}; change one of them or set model.head_dim')
+    check(self.resolved_head_dim % 2 == 0,
+          f'head dim {self.resolved_head_dim} must be even for rotary '
+          'positions; change model.d_model, model.n_heads or model.head_dim')
+    check(0.0 <= self.dropout < 1.0,
+          f'model.dropout={self.dropout} must be in [0, 1)')
+    return self
+
+  # Layer structure, after the variant is applied.
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def resolved_d_ff(self) -> int:
+    if self.d_ff:
+      return self.d_ff
+    if self.mlp == 'swiglu':
+      return 32 * -(-int(8 * self.d_model / 3) // 32)
+    return 4 * self.d_model
+
+  @property
+  def head_layers(self) -> int:
+    return 0 if self.variant == 'basic_cycle' else self.n_head_layers
+
+  @property
+  def tail_layers(self) -> int:
+    return 0 if self.variant == 'basic_cycle' else self.n_tail_layers
+
+  @property
+  def mid_layers(self) -> int:
+    if self.variant == 'basic_cycle':
+      return self.n_head_layers + self.n_mid_layers + self.n_tail_layers
+    return self.n_mid_layers
+
+  @property
+  def cycles(self) -> int:
+    return 1 if self.variant == 'vanilla' else self.n_cycles
+
+  @property
+  def exit_heads(self) -> bool:
+    """Whether an exit head runs after every cycle."""
+    return self.variant != 'vanilla' and self.exit_loss != 'none'
+
+  @property
+  def executed_layers(self) -> int:
+    return self.head_layers + self.cycles * self.mid_layers + self.tail_layers
+
+
+def exit_weights(cfg: ModelConfig) -> jax.Array:
+  """Loss weights over cycles [C] for `config.model.exit_loss` (sum to 1)."""
+  c = cfg.cycles
+  if cfg.exit_loss in ('none', 'last') or not cfg.exit_heads:
+    w_C = jnp.zeros((c,)).at[-1].set(1.0)
+  elif cfg.exit_loss == 'uniform':
+    w_C = jnp.ones((c,))
+  else:  # linear: cycle i gets weight i + 1.
+    w_C = jnp.arange(1, c + 1, dtype=jnp.float32)
+  return w_C / w_C.sum()
+
+
+# ---------------------------------------------------------------- modules --
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """What `apply` returns. Fields that a variant does not have are None."""
+  logits: jax.Array  # [B, T, V] float32, after the last cycle.
+  cycle_logits: jax.Array | None = None  # [C, B, T, V] exit head per cycle.
+  zero_attention: jax.Array | None = None  # [C, B, T] mean over heads, layers.
+  gate: jax.Array | None = None  # [C, B, T] gate value per cycle.
+
+
+def _dense_init(cfg: ModelConfig, axes: tuple[str, ...], scale: float = 1.0):
+  return nn.with_logical_partitioning(
+      nn.initializers.normal(cfg.init_std * scale), axes)
+
+
+def _rms_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  return nn.RMSNorm(
+      epsilon=1e-6, dtype=jnp.float32, param_dtype=DTYPES[cfg.param_dtype],
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones,
+                                              ('embed',)),
+      name=name)
+
+
+class Attention(nn.Module):
+  """Causal self-attention with rotary positions and an optional zero key."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT):
+    cfg = self.cfg
+    h, k = cfg.n_heads, cfg.resolved_head_dim
+    out_scale = 1.0 / (2 * cfg.executed_layers) ** 0.5
+    proj = functools.partial(
+        nn.DenseGeneral, features=(h, k), axis=-1, use_bias=False,
+        dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+        kernel_init=_dense_init(cfg, ('embed', 'heads', 'kv')))
+    q_BxTxHxK = attention.rotary(proj(name='query')(x_BxTxD), positions_BxT,
+                                 cfg.rope_theta)
+    k_BxTxHxK = attention.rotary(proj(name='key')(x_BxTxD), positions_BxT,
+                                 cfg.rope_theta)
+    v_BxTxHxK = proj(name='value')(x_BxTxD)
+    mask_BxTxT = attention.causal_mask(positions_BxT, positions_BxT)
+    out_BxTxHxK, a0_BxTxH = attention.zero_token_attention(
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxTxT, zero_key_HxK)
+    out_BxTxD = nn.DenseGeneral(
+        features=cfg.d_model, axis=(-2, -1), use_bias=False,
+        dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+        kernel_init=_dense_init(cfg, ('heads', 'kv', 'embed'), out_scale),
+        name='out')(out_BxTxHxK)
+    return out_BxTxD, a0_BxTxH
+
+
+class Mlp(nn.Module):
+  """SwiGLU (default) or GELU feed-forward block."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    dense = functools.partial(
+        nn.Dense, use_bias=False, dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype])
+    f = cfg.resolved_d_ff
+    up_BxTxF = dense(f, kernel_init=_dense_init(cfg, ('embed', 'mlp')),
+                     name='up')(x_BxTxD)
+    if cfg.mlp == 'swiglu':
+      gate_BxTxF = dense(f, kernel_init=_dense_init(cfg, ('embed', 'mlp')),
+                         name='gate')(x_BxTxD)
+      h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+    else:
+      h_BxTxF = nn.gelu(up_BxTxF)
+    h_BxTxF = nn.with_logical_constraint(
+        h_BxTxF, ('activation_batch', 'activation_length', 'activation_mlp'))
+    out_scale = 1.0 / (2 * cfg.executed_layers) ** 0.5
+    return dense(cfg.d_model,
+                 kernel_init=_dense_init(cfg, ('mlp', 'embed'), out_scale),
+                 name='down')(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder layer. Returns `(x, a0_BxT)`, a0 meaned over heads."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    h_BxTxD, a0_BxTxH = Attention(cfg, name='attn')(
+        _rms_norm(cfg, 'attn_norm')(x_BxTxD).astype(DTYPES[cfg.dtype]),
+        zero_key_HxK, positions_BxT)
+    x_BxTxD = x_BxTxD + drop(h_BxTxD)
+    h_BxTxD = Mlp(cfg, name='mlp')(
+        _rms_norm(cfg, 'mlp_norm')(x_BxTxD).astype(DTYPES[cfg.dtype]))
+    x_BxTxD = x_BxTxD + drop(h_BxTxD)
+    x_BxTxD = nn.with_logical_constraint(
+        x_BxTxD, ('activation_batch', 'activation_length', 'activation_embed'))
+    a0_BxT = None if a0_BxTxH is None else a0_BxTxH.mean(-1)
+    return x_BxTxD, a0_BxT
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy for `config.model.remat_policy`."""
+  return {
+      'full': jax.checkpoint_policies.nothing_saveable,
+      'dots': jax.checkpoint_policies.dots_saveable,
+      'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
+
+
+class LayerStack(nn.Module):
+  """`n_layers` distinct Blocks: an `nn.scan` over layers, or unrolled.
+
+  Scanned params are stacked on a leading 'layers' axis under `layers`;
+  unrolled ones are `layers_0`, `layers_1`, ... (see `convert_params`).
+  """
+  cfg: ModelConfig
+  n_layers: int
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD, zero_keys_LxHxK, positions_BxT):
+    cfg = self.cfg
+    if self.n_layers == 0:
+      return x_BxTxD, None
+    block = Block
+    if cfg.remat_policy != 'none':
+      block = nn.remat(Block, policy=remat_policy(cfg.remat_policy),
+                       prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      scanned = nn.scan(
+          block, variable_axes={'params': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(0, nn.broadcast), length=self.n_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      return scanned(cfg, self.deterministic, name='layers')(
+          x_BxTxD, zero_keys_LxHxK, positions_BxT)
+    a0s = []
+    for i in range(self.n_layers):
+      key_HxK = None if zero_keys_LxHxK is None else zero_keys_LxHxK[i]
+      x_BxTxD, a0_BxT = block(cfg, self.deterministic, name=f'layers_{i}')(
+          x_BxTxD, key_HxK, positions_BxT)
+      a0s.append(a0_BxT)
+    return x_BxTxD, None if a0s[0] is None else jnp.stack(a0s)
+
+
+class Cycle(nn.Module):
+  """One pass of the shared middle stack, then the gate.
+
+  `xs` holds this cycle's slice of the per-cycle inputs: `zero_keys` [L,H,K]
+  (or None), `gate_w` [D] and `gate_b` [] (or None).
+  Returns `(x, (y or None, a0_BxT or None, gate_BxT or None))`.
+  """
+  cfg: ModelConfig
+  deterministic: bool = True
+  keep_states: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD, xs, positions_BxT):
+    cfg = self.cfg
+    y_BxTxD, a0_LxBxT = LayerStack(cfg, cfg.mid_layers, self.deterministic,
+                                   name='stack')(
+                                       x_BxTxD, xs['zero_keys'], positions_BxT)
+    g_BxT = None
+    if cfg.gate != 'none':
+      if cfg.gate == 'scalar':
+        logit_BxT = jnp.broadcast_to(xs['gate_b'], y_BxTxD.shape[:2])
+      else:
+        y32 = y_BxTxD.astype(jnp.float32)
+        y32 = y32 * jax.lax.rsqrt(jnp.mean(y32 * y32, -1, keepdims=True) + 1e-6)
+        logit_BxT = y32 @ xs['gate_w'] + xs['gate_b']
+      g_BxT = jax.nn.sigmoid(logit_BxT)
+      y_BxTxD = x_BxTxD + (g_BxT[..., None] * (y_BxTxD - x_BxTxD)).astype(
+          y_BxTxD.dtype)
+    a0_BxT = None if a0_LxBxT is None else a0_LxBxT.mean(0)
+    return y_BxTxD, (y_BxTxD if self.keep_states else None, a0_BxT, g_BxT)
+
+
+class CycledMiddle(nn.Module):
+  """The middle stack run `cycles` times with one shared set of weights.
+
+  Owns the Zero-Token Pool and the per-cycle gate parameters, which are fed
+  to the cycle scan as its scanned input (one slice per cycle).
+  """
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def zero_key_pool(self):
+    """The pool broadcast to [C, L, H, K] (None without zero tokens)."""
+    cfg = self.cfg
+    c, l = cfg.cycles, cfg.mid_layers
+    h, k = cfg.n_heads, cfg.resolved_head_dim
+    shape, axes = {
+        'cycle_layer': ((c, l, h, k), ('cycles', 'layers', 'heads', 'kv')),
+        'cycle': ((c, h, k), ('cycles', 'heads', 'kv')),
+        'layer': ((l, h, k), ('layers', 'heads', 'kv')),
+        'none': (None, None),
+    }[cfg.zero_pool]
+    if shape is None:
+      return None
+    pool = self.param(
+        'zero_keys', nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.zero_key_init_std), axes),
+        shape, DTYPES[cfg.param_dtype])
+    if cfg.zero_pool == 'cycle':
+      pool = pool[:, None]
+    elif cfg.zero_pool == 'layer':
+      pool = pool[None]
+    return jnp.broadcast_to(pool, (c, l, h, k))
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT):
+    cfg = self.cfg
+    c = cfg.cycles
+    xs = {'zero_keys': self.zero_key_pool(), 'gate_w': None, 'gate_b': None}
+    if cfg.gate != 'none':
+      xs['gate_b'] = self.param(
+          'gate_b', nn.with_logical_partitioning(
+              nn.initializers.constant(cfg.gate_bias_init), ('cycles',)),
+          (c,), DTYPES[cfg.param_dtype])
+      if cfg.gate == 'token':
+        xs['gate_w'] = self.param(
+            'gate_w', nn.with_logical_partitioning(
+                nn.initializers.zeros, ('cycles', 'embed')),
+            (c, cfg.d_model), DTYPES[cfg.param_dtype])
+    if cfg.scan_layers:
+      # One set of weights for every cycle; the pool slice is the scanned xs.
+      scan = nn.scan(Cycle, variable_broadcast='params',
+                     split_rngs={'params': False, 'dropout': True},
+                     in_axes=(0, nn.broadcast), length=c)
+      x_BxTxD, (ys_CxBxTxD, a0_CxBxT, g_CxBxT) = scan(
+          cfg, self.deterministic, keep_states=cfg.exit_heads, name='cycle')(
+              x_BxTxD, xs, positions_BxT)
+    else:
+      # The same module instance called C times: Flax shares its params.
+      cycle = Cycle(cfg, self.deterministic, keep_states=cfg.exit_heads,
+                    name='cycle')
+      outs = []
+      for i in range(c):
+        x_BxTxD, out = cycle(x_BxTxD, jax.tree.map(lambda a: a[i], xs),
+                             positions_BxT)
+        outs.append(out)
+      ys_CxBxTxD, a0_CxBxT, g_CxBxT = (
+          None if outs[0][j] is None else jnp.stack([o[j] for o in outs])
+          for j in range(3))
+    return x_BxTxD, ys_CxBxTxD, a0_CxBxT, g_CxBxT
+
+
+class Transformer(nn.Module):
+  """Embedding, head layers, cycled middle, tail layers, exit heads."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, deterministic: bool = True,
+               positions_BxT=None) -> ModelOutput:
+    cfg = self.cfg
+    b, t = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        embedding_init=_dense_init(cfg, ('vocab', 'embed')), name='embed')
+    x_BxTxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(
+        embed(tokens_BxT))
+
+    x_BxTxD, _ = LayerStack(cfg, cfg.head_layers, deterministic, name='head')(
+        x_BxTxD, None, positions_BxT)
+    x_BxTxD, ys_CxBxTxD, a0_CxBxT, g_CxBxT = CycledMiddle(
+        cfg, deterministic, name='mid')(x_BxTxD, positions_BxT)
+
+    # Exit heads: the tail, final norm and LM head after every cycle, run as
+    # one batch of C*B sequences; without them only the last state is used.
+    c = cfg.cycles if cfg.exit_heads else 1
+    h_NxTxD = (ys_CxBxTxD.reshape(c * b, t, -1) if cfg.exit_heads
+               else x_BxTxD)
+    h_NxTxD, _ = LayerStack(cfg, cfg.tail_layers, deterministic, name='tail')(
+        h_NxTxD, None, jnp.tile(positions_BxT, (c, 1)))
+    h_NxTxD = _rms_norm(cfg, 'final_norm')(h_NxTxD).astype(DTYPES[cfg.dtype])
+    if cfg.tie_embeddings:
+      logits_NxTxV = embed.attend(h_NxTxD)
+    else:
+      logits_NxTxV = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype],
+          param_dtype=DTYPES[cfg.param_dtype],
+          kernel_init=_dense_init(cfg, ('embed', 'vocab')),
+          name='lm_head')(h_NxTxD)
+    logits_CxBxTxV = logits_NxTxV.astype(jnp.float32).reshape(c, b, t, -1)
+
+    out = ModelOutput(
+        logits=logits_CxBxTxV[-1],
+        cycle_logits=logits_CxBxTxV if cfg.exit_heads else None,
+        zero_attention=a0_CxBxT,
+        gate=g_CxBxT)
+    chex.assert_shape(out.logits, (b, t, cfg.vocab_size))
+    return out
+
+
+def build(model_config: ml_collections.ConfigDict | ModelConfig) -> nn.Module:
+  """The model for `config.model`; raises ConfigError on a bad setting."""
+  return Transformer(ModelConfig.from_config(model_config))
+
+
+# -------------------------------------------------------------- utilities --
+
+
+def _init_fn(module: nn.Module, seq_len: int):
+  tokens_1xT = jnp.zeros((1, seq_len), jnp.int32)
+  return lambda rng: module.init(rng, tokens_1xT)['params']
+
+
+def init_params(module: nn.Module, rng: jax.Array, seq_len: int = 8):
+  """Unboxed params for `module`, initialised under jit (no sharding; the
+  sharded path is `sharding.init_sharded`)."""
+  return jax.jit(lambda r: nn.meta.unbox(_init_fn(module, seq_len)(r)))(rng)
+
+
+def abstract_params(module: nn.Module, boxed: bool = False):
+  """Param shapes and dtypes (`jax.ShapeDtypeStruct`), nothing allocated.
+
+  With `boxed=True` the leaves stay `nn.Partitioned`, carrying logical axes.
+  """
+  tree = jax.eval_shape(_init_fn(module, 8), jax.random.key(0))
+  return tree if boxed else nn.meta.unbox(tree)
+
+
+def count_params(params: Any) -> int:
+  """Distinct parameters: shared (cycled) weights are counted once."""
+  return int(sum(x.size for x in jax.tree.leaves(nn.meta.unbox(params))))
+
+
+def flops_per_token(model_config, seq_len: int, training: bool = True
+                    ) -> float:
+  """Model FLOPs per token, counting every executed layer (cycles included).
+
+  Matmuls cost 2 FLOPs per weight per token forward; attention adds
+  `4 * T * H * K` per layer (scores and weighted sum over T keys, the
+  causal half not discounted, as in PaLM's MFU formula); the LM head (and
+  the tail) run once per exit head. `training=True` multiplies by 3
+  (forward + backward).
+  """
+  cfg = ModelConfig.from_config(model_config)
+  d, hk, f = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim, cfg.resolved_d_ff
+  layer = 4 * d * hk + (3 if cfg.mlp == 'swiglu' else 2) * d * f
+  heads = cfg.cycles if cfg.exit_heads else 1
+  layers = (cfg.head_layers + cfg.cycles * cfg.mid_layers
+            + heads * cfg.tail_layers)
+  zero = 1 if cfg.zero_pool != 'none' else 0
+  fwd = (2 * layer * layers + 2 * d * cfg.vocab_size * heads
+         + 4 * hk * seq_len * layers + 4 * hk * zero * cfg.cycles
+         * cfg.mid_layers)
+  return float(3 * fwd if training else fwd)
+
+
+def convert_params(params: Any, scan_layers: bool) -> Any:
+  """Converts params between scanned (`layers`, stacked) and unrolled
+  (`layers_0`, `layers_1`, ...) layouts; the maths is the same."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  unrolled = {}
+  for name, value in params.items():
+    match = re.fullmatch(r'layers_(\d+)', name)
+    if match and scan_layers:
+      unrolled[int(match.group(1))] = value
+    elif name == 'layers' and not scan_layers:
+      n = jax.tree.leaves(value)[0].shape[0]
+      for i in range(n):
+        out[f'layers_{i}'] = jax.tree.map(lambda a, i=i: a[i], value)
+    else:
+      out[name] = convert_params(value, scan_layers)
+  if unrolled:
+    out['layers'] = jax.tree.map(
+        lambda *a: jnp.stack(a), *[unrolled[i] for i in sorted(unrolled)])
+  return out
