@@ -213,6 +213,26 @@ def _rms_norm(cfg: ModelConfig, name: str) -> nn.Module:
       name=name)
 
 
+class Projection(nn.Module):
+  """`einsum(equation, x, kernel)` with a logically-partitioned kernel.
+
+  (`nn.DenseGeneral` initialises a flattened kernel and then reshapes it,
+  which breaks its logical sharding constraint under a mesh.)
+  """
+  cfg: ModelConfig
+  equation: str
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', _dense_init(self.cfg, self.axes, self.scale),
+                        self.shape, DTYPES[self.cfg.param_dtype])
+    dtype = DTYPES[self.cfg.dtype]
+    return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+
+
 class Attention(nn.Module):
   """Causal self-attention with rotary positions and an optional zero key."""
   cfg: ModelConfig
@@ -220,12 +240,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT):
     cfg = self.cfg
-    h, k = cfg.n_heads, cfg.resolved_head_dim
-    out_scale = 1.0 / (2 * cfg.executed_layers) ** 0.5
-    proj = functools.partial(
-        nn.DenseGeneral, features=(h, k), axis=-1, use_bias=False,
-        dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-        kernel_init=_dense_init(cfg, ('embed', 'heads', 'kv')))
+    d, h, k = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
+    proj = functools.partial(Projection, cfg, 'btd,dhk->bthk', (d, h, k),
+                             ('embed', 'heads', 'kv'))
     q_BxTxHxK = attention.rotary(proj(name='query')(x_BxTxD), positions_BxT,
                                  cfg.rope_theta)
     k_BxTxHxK = attention.rotary(proj(name='key')(x_BxTxD), positions_BxT,
@@ -234,11 +251,9 @@ class Attention(nn.Module):
     mask_BxTxT = attention.causal_mask(positions_BxT, positions_BxT)
     out_BxTxHxK, a0_BxTxH = attention.zero_token_attention(
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxTxT, zero_key_HxK)
-    out_BxTxD = nn.DenseGeneral(
-        features=cfg.d_model, axis=(-2, -1), use_bias=False,
-        dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-        kernel_init=_dense_init(cfg, ('heads', 'kv', 'embed'), out_scale),
-        name='out')(out_BxTxHxK)
+    out_BxTxD = Projection(
+        cfg, 'bthk,hkd->btd', (h, k, d), ('heads', 'kv', 'embed'),
+        scale=1.0 / (2 * cfg.executed_layers) ** 0.5, name='out')(out_BxTxHxK)
     return out_BxTxD, a0_BxTxH
 
 

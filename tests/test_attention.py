@@ -1,0 +1,76 @@
+"""Zero-token attention against a float64 NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ztt_jax import attention
+
+T, H, K = 7, 3, 8
+
+
+def random_qkvz(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (scale * rng.standard_normal((T, H, K)) for _ in range(3))
+  z = scale * rng.standard_normal((H, K))
+  return q, k, v, z
+
+
+def run(q, k, v, z):
+  positions_1xT = jnp.arange(T)[None]
+  mask = attention.causal_mask(positions_1xT, positions_1xT)
+  out, a0 = jax.jit(attention.zero_token_attention)(
+      *(jnp.asarray(x, jnp.float32)[None] for x in (q, k, v)), mask,
+      None if z is None else jnp.asarray(z, jnp.float32))
+  return np.asarray(out[0]), None if a0 is None else np.asarray(a0[0])
+
+
+@pytest.mark.parametrize('seed, scale', [(0, 1.0), (1, 3.0), (2, 10.0)])
+def test_matches_float64_reference(seed, scale):
+  q, k, v, z = random_qkvz(seed, scale)
+  out, a0 = run(q, k, v, z)
+  ref_out, ref_a0, ref_plain = attention.reference_attention_np(q, k, v, z)
+  np.testing.assert_allclose(a0, ref_a0, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5 * scale)
+  # The zero token only scales ordinary attention down by (1 - a0).
+  np.testing.assert_allclose(out, (1 - a0)[..., None] * ref_plain,
+                             rtol=1e-4, atol=1e-5 * scale)
+  plain, none = run(q, k, v, None)
+  assert none is None
+  np.testing.assert_allclose(plain, ref_plain, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_large_logits_stay_finite():
+  q, k, v, z = random_qkvz(3, 300.0)
+  out, a0 = run(q, k, v, z)
+  assert np.all(np.isfinite(out)) and np.all(np.isfinite(a0))
+
+
+def test_zero_key_dominates_when_aligned_with_queries():
+  q, k, v, _ = random_qkvz(4)
+  z = 50.0 * q.mean(0)  # Large key in the queries' mean direction.
+  _, a0 = run(np.abs(q), k, v, np.abs(z))
+  assert a0.mean() > 0.9
+
+
+def test_first_token_sees_itself_and_the_zero_token_only():
+  q, k, v, z = random_qkvz(5)
+  out, a0 = run(q, k, v, z)
+  np.testing.assert_allclose(out[0], (1 - a0[0])[:, None] * v[0], rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_rotary_preserves_norm_and_is_relative():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 5, H, K)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((1, 5, H, K)), jnp.float32)
+  pos = jnp.arange(5)[None]
+  rx, ry = attention.rotary(x, pos), attention.rotary(y, pos)
+  np.testing.assert_allclose(jnp.linalg.norm(rx, axis=-1),
+                             jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  # <rot(x, p), rot(y, p)> depends only on p - p': shift both by 3.
+  rx3, ry3 = attention.rotary(x, pos + 3), attention.rotary(y, pos + 3)
+  dots = jnp.einsum('bthk,bshk->bhts', rx, ry)
+  dots3 = jnp.einsum('bthk,bshk->bhts', rx3, ry3)
+  np.testing.assert_allclose(dots, dots3, rtol=1e-4, atol=1e-4)

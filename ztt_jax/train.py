@@ -1,0 +1,375 @@
+"""Pretraining: sharded jit train step, eval, metrics, checkpoints, resume.
+
+    ztt-train --config=configs/default.py --workdir=runs/demo
+    python -m ztt_jax.train --config=configs/tiny.py:ztt --workdir=runs/tiny \
+        --config.train.steps=50
+
+The batch for step s is a pure function of (seed, s), the dropout key is
+`fold_in(seed, s)`, and the data iterator is checkpointed with the model, so
+a resumed run takes exactly the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ztt_jax import checkpoint
+from ztt_jax import data
+from ztt_jax import evaluate
+from ztt_jax import generate
+from ztt_jax import metrics as metrics_lib
+from ztt_jax import model as model_lib
+from ztt_jax import optim
+from ztt_jax import sharding
+from ztt_jax.errors import ConfigError, check
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Validates everything that can be checked before touching the disk."""
+  t = config.train
+  for name in ('steps', 'batch_size', 'log_every_steps', 'eval_batches',
+               'grad_accum_steps'):
+    value = t[name]
+    check(isinstance(value, int) and value > 0,
+          f'train.{name}={value!r} must be a positive integer')
+  check(t.eval_every_steps >= 0,
+        f'train.eval_every_steps={t.eval_every_steps} must be >= 0 '
+        '(0: only at the end)')
+  check(t.batch_size % t.grad_accum_steps == 0,
+        f'train.batch_size={t.batch_size} is not divisible by '
+        f'train.grad_accum_steps={t.grad_accum_steps}; make it a multiple')
+  check(isinstance(config.data.seq_len, int) and config.data.seq_len > 0,
+        f'data.seq_len={config.data.seq_len!r} must be a positive integer')
+  for name in ('every_steps', 'keep'):
+    value = config.checkpoint[name]
+    check(isinstance(value, int) and value > 0,
+          f'checkpoint.{name}={value!r} must be a positive integer')
+  # The model config, with a placeholder vocabulary until the tokenizer runs.
+  model_config = config.model.to_dict()
+  model_config['vocab_size'] = model_config['vocab_size'] or 256
+  model_lib.ModelConfig.from_config(model_config)
+  optim.make_optimizer(t)
+
+
+def loss_fn(module, model_cfg: model_lib.ModelConfig, params, batch, rng,
+            deterministic: bool):
+  """Training loss (exit heads weighted per `model.exit_loss`) and metrics."""
+  out = module.apply({'params': params}, batch['inputs'],
+                     deterministic=deterministic, rngs={'dropout': rng})
+  logits = out.cycle_logits if out.cycle_logits is not None else (
+      out.logits[None])
+  ce_C = evaluate.cross_entropy(logits, batch['targets'][None]).mean((1, 2))
+  if out.cycle_logits is not None:
+    loss = jnp.sum(model_lib.exit_weights(model_cfg) * ce_C)
+  else:
+    loss = ce_C[-1]
+  aux = {'ce': ce_C[-1]}
+  if out.cycle_logits is not None:
+    aux['ce_cycle'] = ce_C
+  if out.zero_attention is not None:
+    aux['zero_attention'] = out.zero_attention.mean((1, 2))
+  if out.gate is not None:
+    aux['gate'] = out.gate.mean((1, 2))
+  return loss, aux
+
+
+def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
+                    seed: int):
+  """The (unjitted) train step: grads, optional accumulation, AdamW."""
+  deterministic = model_cfg.dropout == 0
+  grad_fn = jax.value_and_grad(
+      functools.partial(loss_fn, module, model_cfg, deterministic=deterministic),
+      has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.key(seed + 1), state.step)
+    if accum_steps == 1:
+      (loss, aux), grads = grad_fn(state.params, batch, rng)
+    else:
+      # Micro-batches take every accum_steps-th row, keeping rows sharded.
+      micro = jax.tree.map(
+          lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1),
+          batch)
+
+      def accumulate(grads, i_and_batch):
+        i, mb = i_and_batch
+        (loss, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, grads, g), (loss, aux)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, (loss, aux) = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(accum_steps), micro))
+      grads = jax.tree.map(lambda g: g / accum_steps, grads)
+      loss, aux = jax.tree.map(lambda x: x.mean(0), (loss, aux))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(state.step), **aux}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+class Setup:
+  """Everything the loop needs, built from a config: model, mesh, data."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    check_config(config)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.rules(config)
+    self.corpus = data.prepare(config.data, workdir)
+    config = ml_collections.ConfigDict(config.to_dict())
+    vocab = self.corpus.tokenizer.vocab_size
+    if not config.model.vocab_size:
+      config.model.vocab_size = vocab
+    check(config.model.vocab_size >= vocab,
+          f'model.vocab_size={config.model.vocab_size} is smaller than the '
+          f'tokenizer vocabulary ({vocab}); set model.vocab_size=0')
+    self.config = config
+    self.model_cfg = model_lib.ModelConfig.from_config(config.model)
+    self.module = model_lib.Transformer(self.model_cfg)
+    self.tx, self.schedule = optim.make_optimizer(config.train)
+
+  def init_state(self, rng):
+    params = nn.meta.unbox(self._boxed_params(rng))
+    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+  def _boxed_params(self, rng):
+    tokens_1xT = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
+    return self.module.init(rng, tokens_1xT)['params']
+
+  def state_shardings(self):
+    """Logical specs -> shardings for params and the optimizer's moments."""
+    rng = jax.random.key(0)
+    param_specs = nn.get_partition_spec(jax.eval_shape(self._boxed_params,
+                                                       rng))
+    abstract = jax.eval_shape(self.init_state, rng)
+    opt_specs = optax.tree_map_params(
+        self.tx, lambda _, spec: spec, abstract.opt_state, param_specs,
+        transform_non_params=lambda _: jax.sharding.PartitionSpec())
+    specs = TrainState(jax.sharding.PartitionSpec(), param_specs, opt_specs)
+    return abstract, sharding.logical_shardings(specs, self.mesh, self.rules)
+
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh and logical rules, for tracing the model."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+
+def _local_rows(batch: dict, process_index: int, process_count: int) -> dict:
+  n = batch['inputs'].shape[0] // process_count
+  return {k: v[process_index * n:(process_index + 1) * n]
+          for k, v in batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          stream=None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the final summary."""
+  workdir = os.path.abspath(workdir)
+  setup = Setup(config, workdir)
+  config, module, model_cfg = setup.config, setup.module, setup.model_cfg
+  t = config.train
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, t.steps, enabled=is_main,
+                                    stream=stream)
+
+  abstract, shardings = setup.state_shardings()
+  batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
+  step_fn = jax.jit(
+      make_train_step(module, model_cfg, setup.tx, setup.schedule,
+                      t.grad_accum_steps, config.seed),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, sharding.replicated(setup.mesh)),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(evaluate.eval_outputs, module),
+                    in_shardings=(shardings.params, batch_sharding))
+
+  dataset = data.make_train_dataset(
+      setup.corpus.train_N, config.data.seq_len, t.batch_size, config.seed,
+      jax.process_index(), jax.process_count())
+  data_iter = data.make_train_iterator(dataset)
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
+                                 config.checkpoint.every_steps,
+                                 config.checkpoint.keep,
+                                 config.checkpoint.async_save)
+  n_params = model_lib.count_params(abstract.params)
+  flops = model_lib.flops_per_token(model_cfg, config.data.seq_len)
+  writer.print(f'ztt-train: {model_cfg.variant}, {n_params:,} distinct params, '
+               f'{model_cfg.executed_layers} layers executed per token, '
+               f'{flops / 1e6:.2f} MFLOPs/token (train), mesh '
+               f'{dict(setup.mesh.shape)}, {len(jax.devices())} device(s)')
+
+  with setup.context():
+    latest = ckpt.latest_step()
+    if latest is not None:
+      _check_same_model(ckpt, latest, config)
+      target = checkpoint.with_sharding(abstract, shardings)
+      state = ckpt.restore(latest, target, data_iter)
+      writer.print(f'resumed from {ckpt.directory}/{latest} (step {latest})')
+    else:
+      # Initialised already sharded: no full copy on any one device.
+      state = jax.jit(setup.init_state, out_shardings=shardings)(
+          jax.random.key(config.seed))
+
+    eval_set = [
+        data.to_global_batch(
+            _local_rows(b, jax.process_index(), jax.process_count()),
+            batch_sharding)
+        for b in data.eval_batches(setup.corpus.val_N, config.data.seq_len,
+                                   t.batch_size, t.eval_batches)
+    ] if len(setup.corpus.val_N) > config.data.seq_len else []
+    peak = t.peak_flops or metrics_lib.measure_matmul_peak()
+    tokens_per_step = t.batch_size * config.data.seq_len
+
+    def run_eval(params) -> dict[str, Any]:
+      if not eval_set:
+        return {}
+      outs = [jax.device_get(eval_fn(params, b)) for b in eval_set]
+      ce_CxB = np.concatenate([o['ce_CxB'] for o in outs], axis=1)
+      result = {'val_loss': float(ce_CxB[-1].mean())}
+      if model_cfg.exit_heads:
+        result['val_loss_cycle'] = ce_CxB.mean(1).tolist()
+      result['_ce_CxB'] = ce_CxB
+      if 'zero_attention_CxB' in outs[0]:
+        result['_stat_CxB'] = np.concatenate(
+            [o['zero_attention_CxB'] for o in outs], axis=1)
+      return result
+
+    step = int(jax.device_get(state.step))
+    start_step, last_log, t_last = step, step, time.perf_counter()
+    last_eval = {}
+    while step < t.steps:
+      batch = data.to_global_batch(next(data_iter), batch_sharding)
+      state, step_metrics = step_fn(state, batch)
+      step += 1
+      if step == start_step + 1:
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - t_last
+        t_last, last_log = time.perf_counter(), step
+        writer.print(f'first step (compile + run) took {compile_s:.1f}s')
+      if step % config.checkpoint.every_steps == 0:
+        ckpt.save(step, state, data_iter, config, force=True)
+      do_eval = step == t.steps or (t.eval_every_steps and
+                                    step % t.eval_every_steps == 0)
+      if step % t.log_every_steps == 0 or do_eval:
+        row = jax.device_get(step_metrics)
+        now = time.perf_counter()
+        if step > last_log:
+          tps = (step - last_log) * tokens_per_step / (now - t_last)
+          row['tokens_per_s'] = tps
+          row['mfu'] = flops * tps / (peak * len(jax.devices()))
+        if do_eval:
+          last_eval = run_eval(state.params)
+          row.update({k: v for k, v in last_eval.items()
+                      if not k.startswith('_')})
+        writer.console(step, writer.write(step, row))
+        t_last, last_log = time.perf_counter(), step
+
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, data_iter, config, force=True)
+    ckpt.wait()
+    if not last_eval:
+      last_eval = run_eval(state.params)
+    summary = {'step': step, 'checkpoint': f'{ckpt.directory}/{step}',
+               'params': n_params}
+    summary.update({k: v for k, v in last_eval.items()
+                    if not k.startswith('_')})
+    _print_summary(writer, setup, state.params, last_eval, summary)
+  ckpt.close()
+  writer.close()
+  return summary
+
+
+def _check_same_model(ckpt, step: int, config) -> None:
+  saved, _ = checkpoint.read_config(os.path.dirname(ckpt.directory), step)
+  differ = sorted(k for k in config.model.keys()
+                  if saved.model.get(k) != config.model[k]
+                  and k not in ('remat_policy', 'scan_layers', 'dropout',
+                                'dtype'))
+  check(not differ,
+        f'the checkpoint in {ckpt.directory} was trained with different model '
+        f'settings ({", ".join(f"{k}: {saved.model.get(k)!r} -> {config.model[k]!r}" for k in differ)}); '
+        'use a new --workdir or the same config')
+
+
+def _print_summary(writer, setup: Setup, params, last_eval, summary):
+  config = setup.config
+  tok = setup.corpus.tokenizer
+  if 'val_loss' in summary:
+    writer.print(f"final val loss {summary['val_loss']:.4f}" + (
+        ' (per exit head: ' + ', '.join(
+            f'{x:.3f}' for x in summary['val_loss_cycle']) + ')'
+        if 'val_loss_cycle' in summary else ''))
+  if config.sample.max_new_tokens > 0:
+    source = setup.corpus.val_N if len(setup.corpus.val_N) else (
+        setup.corpus.train_N)
+    prompt = (tok.encode(config.sample.prompt) if config.sample.prompt
+              else np.asarray(source[:config.data.seq_len // 2]))
+    new = generate.sample(setup.module, params, prompt,
+                          config.sample.max_new_tokens,
+                          jax.random.key(config.seed),
+                          config.data.seq_len, config.sample.temperature,
+                          config.sample.top_k)
+    summary['sample'] = tok.decode(new)
+    writer.print('--- sample (prompt, then model) ---\n'
+                 f'{tok.decode(prompt)}\u2502{summary["sample"]}\n---')
+  if '_ce_CxB' in last_eval and setup.model_cfg.exit_heads:
+    stat = last_eval.get('_stat_CxB')
+    thresholds = () if stat is None else np.quantile(
+        stat[:-1], [0.25, 0.5, 0.75]) if len(stat) > 1 else ()
+    rows = evaluate.early_exit_table(last_eval['_ce_CxB'], stat, thresholds)
+    summary['early_exit'] = rows
+    writer.print('early exit on the validation batches (sequence level):\n'
+                 + evaluate.format_table(rows))
+  writer.print(f"checkpoint: {summary['checkpoint']}")
+
+
+# --------------------------------------------------------------------- CLI --
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
+  config = flags.FLAGS.config
+  try:
+    train(config, flags.FLAGS.workdir)
+  except ConfigError as e:
+    print(f'ztt-train: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+  """Console entry point: `ztt-train --config=... --workdir=...`."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
