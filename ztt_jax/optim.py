@@ -14,9 +14,8 @@ _NO_DECAY = ('scale', 'bias', 'zero_keys', 'gate_w', 'gate_b')
 def lr_schedule(train_config) -> optax.Schedule:
   t = train_config
   check(t.lr > 0, f'train.lr={t.lr} must be > 0')
-  check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0,
-        f'train.warmup_steps={t.warmup_steps} must be in [0, train.steps='
-        f'{t.steps})')
+  check(t.warmup_steps >= 0,
+        f'train.warmup_steps={t.warmup_steps} must be >= 0')
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
       decay_steps=max(t.steps, t.warmup_steps + 1),

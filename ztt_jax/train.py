@@ -123,7 +123,7 @@ def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
       loss, aux = jax.tree.map(lambda x: x.mean(0), (loss, aux))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state.step), **aux}
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -183,9 +183,13 @@ def _local_rows(batch: dict, process_index: int, process_count: int) -> dict:
           for k, v in batch.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          stream=None) -> dict[str, Any]:
-  """Trains (or resumes) in `workdir`; returns the final summary."""
+def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
+          stop_at: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the final summary.
+
+  `stop_at` ends this run early at that step, with a checkpoint, as if it
+  had been interrupted there (the schedule still follows `train.steps`).
+  """
   workdir = os.path.abspath(workdir)
   setup = Setup(config, workdir)
   config, module, model_cfg = setup.config, setup.module, setup.model_cfg
@@ -259,7 +263,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     step = int(jax.device_get(state.step))
     start_step, last_log, t_last = step, step, time.perf_counter()
     last_eval = {}
-    while step < t.steps:
+    end = t.steps if stop_at is None else min(stop_at, t.steps)
+    while step < end:
       batch = data.to_global_batch(next(data_iter), batch_sharding)
       state, step_metrics = step_fn(state, batch)
       step += 1
@@ -270,7 +275,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         writer.print(f'first step (compile + run) took {compile_s:.1f}s')
       if step % config.checkpoint.every_steps == 0:
         ckpt.save(step, state, data_iter, config, force=True)
-      do_eval = step == t.steps or (t.eval_every_steps and
+      do_eval = step == end or (t.eval_every_steps and
                                     step % t.eval_every_steps == 0)
       if step % t.log_every_steps == 0 or do_eval:
         row = jax.device_get(step_metrics)
@@ -289,13 +294,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if ckpt.latest_step() != step:
       ckpt.save(step, state, data_iter, config, force=True)
     ckpt.wait()
-    if not last_eval:
+    if not last_eval and step == t.steps:
       last_eval = run_eval(state.params)
     summary = {'step': step, 'checkpoint': f'{ckpt.directory}/{step}',
                'params': n_params}
     summary.update({k: v for k, v in last_eval.items()
                     if not k.startswith('_')})
-    _print_summary(writer, setup, state.params, last_eval, summary)
+    if step == t.steps:
+      _print_summary(writer, setup, state.params, last_eval, summary)
   ckpt.close()
   writer.close()
   return summary

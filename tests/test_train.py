@@ -1,0 +1,173 @@
+"""The training loop: loss falls, exact resume, accumulation, bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ztt_jax
+from configs import tiny
+from ztt_jax import tokenizers
+from ztt_jax import train
+from ztt_jax.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv('ZTT_CACHE_DIR', str(tmp_path / 'cache'))
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory) -> str:
+  """Real text that is on every machine: a few standard-library modules."""
+  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  text = ''.join((stdlib / name).read_text(encoding='utf-8')
+                 for name in ('textwrap.py', 'shlex.py', 'fnmatch.py'))
+  path = tmp_path_factory.mktemp('corpus') / 'stdlib.txt'
+  path.write_text(text, encoding='utf-8')
+  return str(path)
+
+
+def small_config(path, **train_overrides):
+  config = tiny.get_config('ztt')
+  config.data.path = path
+  config.data.seq_len = 16
+  config.sample.max_new_tokens = 0
+  config.train.update(log_every_steps=1, **train_overrides)
+  config.checkpoint.async_save = False
+  return config
+
+
+def losses(workdir) -> dict[int, float]:
+  rows = [json.loads(line) for line in
+          open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8')]
+  return {r['step']: r['loss'] for r in rows}
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(),
+                    reason=f'{SHAKESPEARE} is absent (shared data not mounted)')
+def test_tiny_config_trains_on_shakespeare(tmp_path):
+  config = tiny.get_config('ztt')
+  config.data.path = str(SHAKESPEARE)
+  config.train.log_every_steps = 1
+  config.sample.max_new_tokens = 8
+  summary = train.train(config, str(tmp_path / 'run'))
+  loss = losses(tmp_path / 'run')
+  assert sorted(loss) == list(range(1, 21))
+  assert np.mean([loss[s] for s in range(16, 21)]) < loss[1] - 0.3
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  for key in ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu'):
+    assert key in rows[-1], key
+  assert len(rows[-1]['zero_attention']) == 3 and len(rows[-1]['gate']) == 3
+  assert 'val_loss' in rows[-1] and 'val_loss' in rows[9]
+  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['10', '20']
+  assert os.listdir(tmp_path / 'run' / 'tb')
+  assert summary['val_loss'] < 4.0 and len(summary['sample']) > 0
+  assert [r['fixed_cycles'] for r in summary['early_exit'][:3]] == [1, 2, 3]
+
+
+def test_resume_gives_the_same_losses(tmp_path, corpus):
+  config = small_config(corpus)
+  train.train(config, str(tmp_path / 'straight'))
+  train.train(config, str(tmp_path / 'resumed'), stop_at=10)
+  assert max(losses(tmp_path / 'resumed')) == 10
+  train.train(config, str(tmp_path / 'resumed'))
+  straight, resumed = losses(tmp_path / 'straight'), losses(
+      tmp_path / 'resumed')
+  assert sorted(resumed) == list(range(1, 21))
+  assert [straight[s] for s in range(1, 21)] == [resumed[s]
+                                                 for s in range(1, 21)]
+  # The last checkpoint holds the same params either way.
+  _, p1, _ = ztt_jax.load(tmp_path / 'straight')
+  _, p2, _ = ztt_jax.load(tmp_path / 'resumed')
+  chex.assert_trees_all_equal(p1, p2)
+
+
+def test_load_gives_a_working_model(tmp_path, corpus):
+  config = small_config(corpus, steps=3)
+  train.train(config, str(tmp_path / 'run'))
+  module, params, saved = ztt_jax.load(tmp_path / 'run')
+  vocab = tokenizers.load_tokenizer(tmp_path / 'run').vocab_size
+  assert saved.model.vocab_size == vocab and saved.train.steps == 3
+  out = module.apply({'params': params}, jnp.zeros((2, 5), jnp.int32))
+  chex.assert_shape(out.cycle_logits, (3, 2, 5, vocab))
+  with pytest.raises(ConfigError, match='step 7'):
+    ztt_jax.load(tmp_path / 'run', step=7)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, corpus):
+  full = small_config(corpus, steps=3)
+  accum = small_config(corpus, steps=3, grad_accum_steps=2)
+  train.train(full, str(tmp_path / 'full'))
+  train.train(accum, str(tmp_path / 'accum'))
+  a, b = losses(tmp_path / 'full'), losses(tmp_path / 'accum')
+  np.testing.assert_allclose([a[s] for s in (1, 2, 3)],
+                             [b[s] for s in (1, 2, 3)], rtol=2e-5)
+
+
+def test_resume_with_another_model_shape_is_refused(tmp_path, corpus):
+  config = small_config(corpus, steps=2)
+  train.train(config, str(tmp_path / 'run'))
+  config.model.d_model = 64
+  with pytest.raises(ConfigError, match='d_model'):
+    train.train(config, str(tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('corpus_kind, change, message', [
+    ('missing', {}, 'no such file'),
+    ('empty', {}, 'empty'),
+    ('short', {}, 'seq_len'),
+    ('valid', {'train.steps': 0}, 'train.steps'),
+    ('valid', {'train.steps': -5}, 'train.steps'),
+    ('valid', {'model.variant': 'deep'}, 'model.variant'),
+    ('valid', {'model.n_cycles': 0}, 'model.n_cycles'),
+    ('valid', {'model.n_heads': 5}, 'model.n_heads'),
+    ('valid', {'train.grad_accum_steps': 3}, 'grad_accum_steps'),
+    ('valid', {'mesh.data': 3}, 'config.mesh'),
+    ('valid', {'data.tokenizer': 'words'}, 'tokenizer'),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus_kind,
+                                                  change, message):
+  (tmp_path / 'empty.txt').write_bytes(b'')
+  (tmp_path / 'short.txt').write_text('too short')
+  config = tiny.get_config('ztt')
+  config.data.tokenizer = 'byte'
+  config.data.path = {'missing': str(tmp_path / 'nonexistent.txt'),
+                      'empty': str(tmp_path / 'empty.txt'),
+                      'short': str(tmp_path / 'short.txt'),
+                      'valid': __file__}[corpus_kind]
+  for dotted, value in change.items():
+    section, name = dotted.split('.')
+    config[section][name] = value
+  workdir = tmp_path / 'run'
+  with pytest.raises(ConfigError, match=message) as e:
+    train.train(config, str(workdir))
+  assert '\n' not in str(e.value)
+  assert not workdir.exists()
+  assert not (tmp_path / 'cache').exists() or not any(
+      (tmp_path / 'cache').rglob('*.bin'))
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'ztt_jax.train',
+       f'--config={REPO}/configs/tiny.py', f'--workdir={tmp_path}/run',
+       '--config.data.path=/nonexistent/file.txt'],
+      capture_output=True, text=True, cwd=REPO, timeout=120,
+      env={**os.environ, 'ZTT_CACHE_DIR': str(tmp_path / 'cache')})
+  assert result.returncode == 2, result.stderr
+  errors = [l for l in result.stderr.splitlines() if 'error' in l.lower()]
+  assert len(errors) == 1 and 'data.path' in errors[0], result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'run').exists()
