@@ -83,7 +83,7 @@ class ModelConfig:
                   ) -> ModelConfig:
     """Checks every field and resolves 'auto' settings; raises ConfigError."""
     if isinstance(cfg, ModelConfig):
-      return cfg
+      return cfg._validated()
     values = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
