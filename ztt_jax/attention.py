@@ -75,6 +75,16 @@ def zero_token_attention(
   return out_BxTxHxK, a0_BxTxH
 
 
+def write_cache(cache, new, starts_B: jax.Array):
+  """Writes `new = (k_BxTxHxK, v_BxTxHxK)` into `cache = (k_BxSxHxK, ...)` at
+  slots `starts_B[b] .. starts_B[b] + T - 1` of each row."""
+  def write_row(c_SxHxK, n_TxHxK, start):
+    return jax.lax.dynamic_update_slice_in_dim(c_SxHxK,
+                                               n_TxHxK.astype(c_SxHxK.dtype),
+                                               start, axis=0)
+  return tuple(jax.vmap(write_row)(c, n, starts_B) for c, n in zip(cache, new))
+
+
 def causal_mask(q_positions_BxT: jax.Array,
                 k_positions_BxS: jax.Array) -> jax.Array:
   """True where the key position is at or before the query position."""

@@ -1,61 +1,473 @@
-"""Sampling under jit (reference path: the full forward at every step).
+"""Inference under jit: KV-cached decoding through the cycles, early exit.
 
-`sample` recomputes the window for every new token, so its cost grows with
-the window; it is the simple, obviously-correct sampler used at the end of
-training. Cached decoding with early exit is the inference issue's job.
+`forward` is the model's forward pass written as plain JAX over the trained
+params (the same Flax modules, called layer by layer) so that the cycle loop
+can be a `jax.lax.while_loop` that stops early:
+
+* whole-sequence evaluation (no cache): each sequence of a batch exits on
+  its own; an exited sequence is frozen; the loop stops once every sequence
+  has exited or C cycles have run.
+* token-by-token decoding (with a cache): each new token exits on its own.
+  The cache must still hold keys/values for the cycles a token skipped,
+  since later tokens attend to them. We fill them by *state propagation*
+  (as CALM does): a token that exited after cycle e keeps its hidden state
+  h_e, and every middle layer of every later cycle caches the keys/values it
+  would compute from h_e as its input. With shared middle weights these are
+  the same for every skipped cycle, so they cost one K/V projection per
+  middle layer, not a cycle.
+
+The exit statistic (`ExitRule.criterion`) after each cycle, per row (a
+sequence, or a token when decoding):
+  zero_attention  mean zero-token mass of the cycle just run >= threshold
+  gate            mean gate value of the cycle just run <= threshold
+  kl              KL(p_c || p_{c-1}) of successive exit heads <= threshold
+  fixed           always (so a row runs exactly `min_cycles`)
+  none            never (all C cycles)
+No row exits before `min_cycles`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import sys
+import time
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ztt_jax import model as model_lib
+from ztt_jax.errors import check
 
-def _pick(logits_BxV, rng, temperature: float, top_k: int):
+CRITERIA = ('none', 'fixed', 'zero_attention', 'gate', 'kl')
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitRule:
+  criterion: str = 'none'
+  min_cycles: int = 1
+
+  def validate(self, cfg: model_lib.ModelConfig) -> ExitRule:
+    check(self.criterion in CRITERIA,
+          f'exit.criterion={self.criterion!r} is not one of {CRITERIA}')
+    check(1 <= self.min_cycles <= cfg.cycles,
+          f'exit.min_cycles={self.min_cycles} must be in [1, {cfg.cycles}] '
+          '(the model\'s cycles)')
+    check(self.criterion != 'zero_attention' or cfg.zero_pool != 'none',
+          f'exit.criterion=zero_attention needs zero tokens but this '
+          f'{cfg.variant} model has none; use exit.criterion=kl or fixed')
+    check(self.criterion != 'gate' or cfg.gate != 'none',
+          f'exit.criterion=gate needs a gate but this {cfg.variant} model '
+          'has none; use exit.criterion=kl or fixed')
+    return self
+
+
+class Cache(NamedTuple):
+  """Keys and values per stack: (k, v), each [layers, B, S, H, K]; the
+  middle stack has a leading cycle axis [C, layers, B, S, H, K]."""
+  head: Any
+  mid: Any
+  tail: Any
+
+
+def init_cache(cfg: model_lib.ModelConfig, batch: int, length: int) -> Cache:
+  shape = (batch, length, cfg.n_heads, cfg.resolved_head_dim)
+  dtype = model_lib.DTYPES[cfg.dtype]
+
+  def zeros(*lead):
+    return (jnp.zeros(lead + shape, dtype), jnp.zeros(lead + shape, dtype))
+
+  return Cache(
+      head=zeros(cfg.head_layers) if cfg.head_layers else None,
+      mid=zeros(cfg.cycles, cfg.mid_layers),
+      tail=zeros(cfg.tail_layers) if cfg.tail_layers else None)
+
+
+# ------------------------------------------------------- functional model --
+
+
+def _run_stack(cfg, layers, x_BxTxD, zero_keys_LxHxK, positions_BxT,
+               cache=None, frozen=None):
+  """`lax.scan` over a stack's layers (params stacked on axis 0).
+
+  `frozen = (done_BxT, h_BxTxD)`: done positions feed `h` to every layer
+  (state propagation); their outputs are to be discarded by the caller.
+  Returns `(x, a0_LxBxT or None, cache)`.
+  """
+  block = model_lib.Block(cfg)
+
+  def body(x_BxTxD, inputs):
+    params, key_HxK, layer_cache = inputs
+    if frozen is not None:
+      done_BxT, h_BxTxD = frozen
+      x_BxTxD = jnp.where(done_BxT[..., None], h_BxTxD, x_BxTxD)
+    if layer_cache is None:
+      x_BxTxD, a0_BxT = block.apply({'params': params}, x_BxTxD, key_HxK,
+                                    positions_BxT)
+    else:
+      x_BxTxD, a0_BxT, layer_cache = block.apply(
+          {'params': params}, x_BxTxD, key_HxK, positions_BxT, layer_cache)
+    return x_BxTxD, (a0_BxT, layer_cache)
+
+  x_BxTxD, (a0_LxBxT, cache) = jax.lax.scan(
+      body, x_BxTxD, (layers, zero_keys_LxHxK, cache))
+  return x_BxTxD, a0_LxBxT, cache
+
+
+def _stack_kv(cfg, layers, h_BxTxD, positions_BxT):
+  """Each layer's keys/values for input `h` (state propagation)."""
+  block = model_lib.Block(cfg)
+  return jax.lax.map(
+      lambda p: block.apply({'params': p}, h_BxTxD, positions_BxT,
+                            method='kv'), layers)
+
+
+def _embed(cfg, params, tokens_BxT):
+  return nn.Embed(cfg.vocab_size, cfg.d_model,
+                  dtype=model_lib.DTYPES[cfg.dtype]).apply(
+                      {'params': params['embed']}, tokens_BxT)
+
+
+def _exit_head(cfg, params, x_BxTxD, positions_BxT, tail_cache):
+  """Tail layers, final norm and LM head; float32 logits and tail cache."""
+  if cfg.tail_layers:
+    x_BxTxD, _, tail_cache = _run_stack(cfg, params['tail']['layers'],
+                                        x_BxTxD, None, positions_BxT,
+                                        tail_cache)
+  h_BxTxD = model_lib._rms_norm(cfg).apply(  # pylint: disable=protected-access
+      {'params': params['final_norm']}, x_BxTxD).astype(
+          model_lib.DTYPES[cfg.dtype])
+  if cfg.tie_embeddings:
+    logits = nn.Embed(cfg.vocab_size, cfg.d_model,
+                      dtype=model_lib.DTYPES[cfg.dtype]).apply(
+                          {'params': params['embed']}, h_BxTxD,
+                          method='attend')
+  else:
+    logits = nn.Dense(cfg.vocab_size, use_bias=False,
+                      dtype=model_lib.DTYPES[cfg.dtype]).apply(
+                          {'params': params['lm_head']}, h_BxTxD)
+  return logits.astype(jnp.float32), tail_cache
+
+
+def _row_mean(x_BxT):
+  return jnp.broadcast_to(x_BxT.mean(-1, keepdims=True), x_BxT.shape)
+
+
+def forward(cfg: model_lib.ModelConfig, params, tokens_BxT, positions_BxT,
+            cache: Cache | None = None, rule: ExitRule = ExitRule(),
+            threshold=0.0, forced_cycles_BxT=None):
+  """The forward pass with the cycle loop as a `while_loop`.
+
+  Args:
+    cfg: the model config.
+    params: scanned-layout params (`model.convert_params(p, True)`).
+    tokens_BxT: token ids.
+    positions_BxT: their positions (contiguous per row).
+    cache: a `Cache` to read and update, or None (whole sequences).
+    rule: when rows stop cycling (see the module docstring).
+    threshold: the rule's threshold (a traced float: no recompiles).
+    forced_cycles_BxT: instead of a rule, the cycles each position runs (a
+      reference for per-token exit with state propagation).
+
+  Returns:
+    `(logits_BxTxV, cycles_BxT, cache)`: logits from the exit state, the
+    cycles every position ran, and the updated cache (None without one).
+  """
+  x_BxTxD = _embed(cfg, params, tokens_BxT)
+  head_cache = mid_cache = tail_cache = None
+  if cache is not None:
+    head_cache, mid_cache, tail_cache = cache
+  if cfg.head_layers:
+    x_BxTxD, _, head_cache = _run_stack(cfg, params['head']['layers'],
+                                        x_BxTxD, None, positions_BxT,
+                                        head_cache)
+
+  mid = params['mid']
+  pool_CxLxHxK = model_lib.expand_pool(cfg, mid.get('zero_keys'))
+  layers = mid['cycle']['stack']['layers']
+  n_cycles = cfg.cycles
+  done_BxT = jnp.zeros(tokens_BxT.shape, bool)
+  cycles_BxT = jnp.zeros(tokens_BxT.shape, jnp.int32)
+  prev_logp = (jnp.zeros(tokens_BxT.shape + (cfg.vocab_size,))
+               if rule.criterion == 'kl' else None)
+
+  def still_running(carry):
+    c, _, done_BxT, *_ = carry
+    return (c < n_cycles) & ~jnp.all(done_BxT)
+
+  def one_cycle(carry):
+    c, x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logp = carry
+    key_LxHxK = None if pool_CxLxHxK is None else pool_CxLxHxK[c]
+    cycle_cache = (None if mid_cache is None else
+                   jax.tree.map(lambda a: a[c], mid_cache))
+    y_BxTxD, a0_LxBxT, cycle_cache = _run_stack(
+        cfg, layers, x_BxTxD, key_LxHxK, positions_BxT, cycle_cache,
+        frozen=(done_BxT, x_BxTxD))
+    gate_w = mid['gate_w'][c] if cfg.gate == 'token' else None
+    gate_b = mid['gate_b'][c] if cfg.gate != 'none' else None
+    y_BxTxD, g_BxT = model_lib.apply_gate(cfg, x_BxTxD, y_BxTxD, gate_w,
+                                          gate_b)
+    x_BxTxD = jnp.where(done_BxT[..., None], x_BxTxD, y_BxTxD)
+    if forced_cycles_BxT is not None:
+      stop_BxT = c + 1 >= forced_cycles_BxT
+    else:
+      if rule.criterion == 'zero_attention':
+        stop_BxT = _row_mean(a0_LxBxT.mean(0)) >= threshold
+      elif rule.criterion == 'gate':
+        stop_BxT = _row_mean(g_BxT) <= threshold
+      elif rule.criterion == 'kl':
+        logits, _ = _exit_head(cfg, params, x_BxTxD, positions_BxT,
+                               tail_cache)
+        logp = jax.nn.log_softmax(logits)
+        kl_BxT = jnp.sum(jnp.exp(logp) * (logp - prev_logp), -1)
+        stop_BxT = (_row_mean(kl_BxT) <= threshold) & (c > 0)
+        prev_logp = logp
+      else:
+        stop_BxT = jnp.full(done_BxT.shape, rule.criterion == 'fixed')
+      stop_BxT = stop_BxT & (c + 1 >= rule.min_cycles)
+    cycles_BxT = jnp.where(done_BxT, cycles_BxT, c + 1)
+    done_BxT = done_BxT | stop_BxT
+    if mid_cache is not None:
+      mid_cache = jax.tree.map(lambda full, new: full.at[c].set(new),
+                               mid_cache, cycle_cache)
+    return c + 1, x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logp
+
+  c_end, x_BxTxD, done_BxT, cycles_BxT, mid_cache, _ = jax.lax.while_loop(
+      still_running, one_cycle,
+      (jnp.int32(0), x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logp))
+
+  if mid_cache is not None:
+    # Cycles nobody ran: fill from the exit states (state propagation).
+    kv = _stack_kv(cfg, layers, x_BxTxD, positions_BxT)
+    starts_B = positions_BxT[:, 0]
+
+    def fill(c, mid_cache):
+      def write(full, new_LxBxTxHxK):
+        row = jax.vmap(jax.vmap(
+            lambda cache_SxHxK, n_TxHxK, s: jax.lax.dynamic_update_slice_in_dim(
+                cache_SxHxK, n_TxHxK.astype(cache_SxHxK.dtype), s, 0),
+            in_axes=(0, 0, 0)), in_axes=(0, 0, None))
+        return full.at[c].set(row(full[c], new_LxBxTxHxK, starts_B))
+      return jax.tree.map(write, mid_cache, kv)
+
+    mid_cache = jax.lax.fori_loop(c_end, n_cycles, fill, mid_cache)
+
+  logits_BxTxV, tail_cache = _exit_head(cfg, params, x_BxTxD, positions_BxT,
+                                        tail_cache)
+  new_cache = None if cache is None else Cache(head_cache, mid_cache,
+                                               tail_cache)
+  return logits_BxTxV, cycles_BxT, new_cache
+
+
+# --------------------------------------------------------------- sampling --
+
+
+def pick(logits_BxV, rng, temperature: float = 1.0, top_k: int = 0,
+         top_p: float = 1.0):
+  """Greedy when `temperature <= 0`, else top-k / top-p sampling."""
   if temperature <= 0:
-    return jnp.argmax(logits_BxV, -1)
+    return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
   logits_BxV = logits_BxV / temperature
   if top_k:
     kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-  return jax.random.categorical(rng, logits_BxV, -1)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, -1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, -1)
+    # Keep the smallest prefix whose mass reaches top_p (at least one).
+    keep_BxV = jnp.cumsum(probs_BxV, -1) - probs_BxV < top_p
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), -1,
+                         keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV, -1).astype(jnp.int32)
+
+
+class Generation(NamedTuple):
+  tokens_BxN: np.ndarray  # Generated ids; -1 after an end token.
+  cycles_BxN: np.ndarray  # Cycles each generated token ran; 0 after the end.
+  lengths_B: np.ndarray  # Generated tokens per row (end token included).
+  compile_s: float = 0.0  # Tracing + XLA compile of the whole loop.
+  run_s: float = 0.0  # Prefill + decode, after compilation.
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'cfg', 'max_new_tokens', 'rule', 'temperature', 'top_k', 'top_p'))
+def _generate(cfg, params, prompt_BxP, lengths_B, rng, threshold, end_id,
+              max_new_tokens, rule, temperature, top_k, top_p):
+  b, p = prompt_BxP.shape
+  cache = init_cache(cfg, b, p + max_new_tokens)
+  positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
+  logits_BxPxV, _, cache = forward(cfg, params, prompt_BxP, positions_BxP,
+                                   cache)
+  logits_BxV = logits_BxPxV[jnp.arange(b), lengths_B - 1]
+  tokens_BxN = jnp.full((b, max_new_tokens), -1, jnp.int32)
+  cycles_BxN = jnp.zeros((b, max_new_tokens), jnp.int32)
+  finished_B = jnp.zeros((b,), bool)
+
+  def cond(carry):
+    i, *_, finished_B = carry
+    return (i < max_new_tokens) & ~jnp.all(finished_B)
+
+  def body(carry):
+    i, tokens_BxN, cycles_BxN, logits_BxV, cache, rng, finished_B = carry
+    rng, key = jax.random.split(rng)
+    next_B = pick(logits_BxV, key, temperature, top_k, top_p)
+    tokens_BxN = tokens_BxN.at[:, i].set(jnp.where(finished_B, -1, next_B))
+    logits_Bx1xV, cycles_Bx1, cache = forward(
+        cfg, params, next_B[:, None], (lengths_B + i)[:, None], cache, rule,
+        threshold)
+    cycles_BxN = cycles_BxN.at[:, i].set(
+        jnp.where(finished_B, 0, cycles_Bx1[:, 0]))
+    finished_B = finished_B | (next_B == end_id)
+    return (i + 1, tokens_BxN, cycles_BxN, logits_Bx1xV[:, 0], cache, rng,
+            finished_B)
+
+  _, tokens_BxN, cycles_BxN, *_ = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), tokens_BxN, cycles_BxN, logits_BxV, cache, rng,
+                   finished_B))
+  return tokens_BxN, cycles_BxN
+
+
+def generate(cfg: model_lib.ModelConfig, params, prompts, max_new_tokens: int,
+             rng: jax.Array, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, rule: ExitRule = ExitRule(),
+             threshold: float = 0.0, end_id: int = -1) -> Generation:
+  """Continues a batch of prompts (lists of ids, lengths may differ).
+
+  Prompts are right-padded; every row writes and reads the cache at its own
+  positions. The prompt itself always runs all cycles; generated tokens
+  follow `rule`. Stops at `max_new_tokens` or once every row produced
+  `end_id`.
+  """
+  cfg = model_lib.ModelConfig.from_config(cfg)
+  rule = rule.validate(cfg)
+  prompts = [np.asarray(x, np.int32).reshape(-1) for x in prompts]
+  check(all(len(x) > 0 for x in prompts), 'every prompt needs at least one '
+        'token; pass a non-empty prompt')
+  lengths_B = np.array([len(x) for x in prompts], np.int32)
+  prompt_BxP = np.zeros((len(prompts), lengths_B.max()), np.int32)
+  for row, ids in enumerate(prompts):
+    prompt_BxP[row, :len(ids)] = ids
+  params = model_lib.convert_params(params, scan_layers=True)
+  args = (params, prompt_BxP, lengths_B, rng, jnp.float32(threshold),
+          jnp.int32(end_id))
+  t0 = time.perf_counter()
+  compiled = _generate.lower(
+      dataclasses.replace(cfg, scan_layers=True), *args,
+      max_new_tokens=int(max_new_tokens), rule=rule,
+      temperature=float(temperature), top_k=int(top_k),
+      top_p=float(top_p)).compile()
+  t1 = time.perf_counter()
+  tokens_BxN, cycles_BxN = jax.device_get(compiled(*args))
+  t2 = time.perf_counter()
+  return Generation(tokens_BxN, cycles_BxN, (tokens_BxN >= 0).sum(-1),
+                    t1 - t0, t2 - t1)
 
 
 @functools.partial(jax.jit, static_argnames=(
     'module', 'max_new_tokens', 'window', 'temperature', 'top_k'))
-def _sample(module, params, prompt_BxP, rng, max_new_tokens, window,
-            temperature, top_k):
-  b, p = prompt_BxP.shape
+def _sample_windowed(module, params, prompt_1xP, rng, max_new_tokens, window,
+                     temperature, top_k):
+  p = prompt_1xP.shape[1]
   total = p + max_new_tokens
-  tokens_BxN = jnp.zeros((b, max(total, window)), jnp.int32)
-  tokens_BxN = tokens_BxN.at[:, :p].set(prompt_BxP)
+  tokens_1xN = jnp.zeros((1, max(total, window)), jnp.int32)
+  tokens_1xN = tokens_1xN.at[:, :p].set(prompt_1xP)
 
   def step(i, carry):
-    tokens_BxN, rng = carry
+    tokens_1xN, rng = carry
     start = jnp.maximum(i - window, 0)  # Slide once the window is full.
-    x_BxW = jax.lax.dynamic_slice_in_dim(tokens_BxN, start, window, axis=1)
-    logits_BxWxV = module.apply({'params': params}, x_BxW).logits
-    logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxWxV, i - 1 - start,
+    x_1xW = jax.lax.dynamic_slice_in_dim(tokens_1xN, start, window, axis=1)
+    logits_1xWxV = module.apply({'params': params}, x_1xW).logits
+    logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xWxV, i - 1 - start,
                                               axis=1, keepdims=False)
     rng, key = jax.random.split(rng)
-    next_B = _pick(logits_BxV, key, temperature, top_k).astype(jnp.int32)
-    return tokens_BxN.at[:, i].set(next_B), rng
+    next_1 = pick(logits_1xV, key, temperature, top_k)
+    return tokens_1xN.at[:, i].set(next_1), rng
 
-  tokens_BxN, _ = jax.lax.fori_loop(p, total, step, (tokens_BxN, rng))
-  return tokens_BxN[:, p:total]
+  tokens_1xN, _ = jax.lax.fori_loop(p, total, step, (tokens_1xN, rng))
+  return tokens_1xN[0, p:total]
 
 
 def sample(module, params, prompt_ids, max_new_tokens: int, rng: jax.Array,
            window: int, temperature: float = 0.8, top_k: int = 0
            ) -> np.ndarray:
-  """Continues one prompt (a 1-D id array, at least one id); returns new ids.
+  """Continues one prompt within a sliding `window` (the training seq_len).
 
-  `window` is the context the model sees (its training `seq_len`).
+  The reference sampler: a full forward over the window for every token, no
+  cache, all cycles, positions never beyond what training saw.
   """
   prompt_1xP = jnp.asarray(np.asarray(prompt_ids, np.int32)[None, -window:])
-  out = _sample(module, params, prompt_1xP, rng, int(max_new_tokens),
-                int(window), float(temperature), int(top_k))
-  return np.asarray(out[0])
+  return np.asarray(_sample_windowed(
+      module, params, prompt_1xP, rng, int(max_new_tokens), int(window),
+      float(temperature), int(top_k)))
+
+
+# -------------------------------------------------------------------- CLI --
+
+
+def run_generate(workdir: str, prompt: str, max_new_tokens: int = 200,
+                 temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, exit_threshold: float | None = None,
+                 exit_criterion: str = 'zero_attention', min_cycles: int = 1,
+                 step: int | None = None, stream=None) -> Generation:
+  """ztt-generate: continue `prompt` with a trained workdir's checkpoint."""
+  import ztt_jax  # pylint: disable=g-import-not-at-top
+  from ztt_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  stream = stream or sys.stdout
+  check(max_new_tokens > 0,
+        f'--max_new_tokens={max_new_tokens} must be positive')
+  module, params, _ = ztt_jax.load(workdir, step)
+  tokenizer = tokenizers.load_tokenizer(workdir)
+  check(len(prompt) > 0, 'the prompt is empty; pass --prompt="some text"')
+  ids = tokenizer.encode(prompt)
+  rule = (ExitRule() if exit_threshold is None
+          else ExitRule(exit_criterion, min_cycles))
+  out = generate(module.cfg, params, [ids], max_new_tokens,
+                 jax.random.key(seed), temperature, top_k, top_p, rule,
+                 exit_threshold or 0.0)
+  n = int(out.lengths_B[0])
+  stream.write(prompt + tokenizer.decode(out.tokens_BxN[0, :n]) + '\n')
+  mean_cycles = float(out.cycles_BxN[0, :n].mean())
+  stream.write(f'--- {n} tokens, mean cycles per generated token '
+               f'{mean_cycles:.2f} of {module.cfg.cycles}, '
+               f'{n / out.run_s:.1f} tokens/s (compile {out.compile_s:.1f}s '
+               'not counted)\n')
+  return out
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ztt_jax import cli  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  cli.run_main('ztt-generate', lambda: run_generate(
+      f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k,
+      f.top_p, f.seed, f.exit_threshold, f.exit_criterion, f.min_cycles,
+      f.step))
+
+
+def run() -> None:
+  """Console entry point: `ztt-generate --workdir=DIR --prompt=...`."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('workdir', None, 'A training workdir.')
+  flags.DEFINE_string('prompt', None, 'Text to continue.')
+  flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
+  flags.DEFINE_float('temperature', 0.8, '0 for greedy.')
+  flags.DEFINE_integer('top_k', 0, 'Top-k sampling (0: off).')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling (1: off).')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_float('exit_threshold', None, 'Early-exit threshold (default: '
+                     'no early exit, all cycles).')
+  flags.DEFINE_string('exit_criterion', 'zero_attention',
+                      'zero_attention, gate, kl or fixed.')
+  flags.DEFINE_integer('min_cycles', 1, 'No exit before this many cycles.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+  flags.mark_flags_as_required(['workdir', 'prompt'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

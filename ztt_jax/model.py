@@ -205,7 +205,7 @@ def _dense_init(cfg: ModelConfig, axes: tuple[str, ...], scale: float = 1.0):
       nn.initializers.normal(cfg.init_std * scale), axes)
 
 
-def _rms_norm(cfg: ModelConfig, name: str) -> nn.Module:
+def _rms_norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
   return nn.RMSNorm(
       epsilon=1e-6, dtype=jnp.float32, param_dtype=DTYPES[cfg.param_dtype],
       scale_init=nn.with_logical_partitioning(nn.initializers.ones,
@@ -234,27 +234,44 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Causal self-attention with rotary positions and an optional zero key."""
+  """Causal self-attention with rotary positions and an optional zero key.
+
+  With `cache=(k_BxSxHxK, v_BxSxHxK)` the new keys and values are written at
+  `positions_BxT` (contiguous per row) and the queries attend to every cache
+  slot at or before their position; the updated cache is returned too.
+  """
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT):
+  def setup(self):
     cfg = self.cfg
     d, h, k = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
     proj = functools.partial(Projection, cfg, 'btd,dhk->bthk', (d, h, k),
                              ('embed', 'heads', 'kv'))
-    q_BxTxHxK = attention.rotary(proj(name='query')(x_BxTxD), positions_BxT,
-                                 cfg.rope_theta)
-    k_BxTxHxK = attention.rotary(proj(name='key')(x_BxTxD), positions_BxT,
-                                 cfg.rope_theta)
-    v_BxTxHxK = proj(name='value')(x_BxTxD)
-    mask_BxTxT = attention.causal_mask(positions_BxT, positions_BxT)
+    self.query, self.key, self.value = proj(), proj(), proj()
+    self.out = Projection(cfg, 'bthk,hkd->btd', (h, k, d),
+                          ('heads', 'kv', 'embed'),
+                          scale=1.0 / (2 * cfg.executed_layers) ** 0.5)
+
+  def kv(self, x_BxTxD, positions_BxT):
+    """Rotary keys and the values of `x` (also what a KV cache stores)."""
+    return (attention.rotary(self.key(x_BxTxD), positions_BxT,
+                             self.cfg.rope_theta), self.value(x_BxTxD))
+
+  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT, cache=None):
+    q_BxTxHxK = attention.rotary(self.query(x_BxTxD), positions_BxT,
+                                 self.cfg.rope_theta)
+    k_BxTxHxK, v_BxTxHxK = self.kv(x_BxTxD, positions_BxT)
+    if cache is None:
+      key_positions_BxS = positions_BxT
+    else:
+      k_BxTxHxK, v_BxTxHxK = cache = attention.write_cache(
+          cache, (k_BxTxHxK, v_BxTxHxK), positions_BxT[:, 0])
+      key_positions_BxS = jnp.broadcast_to(
+          jnp.arange(k_BxTxHxK.shape[1]), k_BxTxHxK.shape[:2])
+    mask_BxTxS = attention.causal_mask(positions_BxT, key_positions_BxS)
     out_BxTxHxK, a0_BxTxH = attention.zero_token_attention(
-        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxTxT, zero_key_HxK)
-    out_BxTxD = Projection(
-        cfg, 'bthk,hkd->btd', (h, k, d), ('heads', 'kv', 'embed'),
-        scale=1.0 / (2 * cfg.executed_layers) ** 0.5, name='out')(out_BxTxHxK)
-    return out_BxTxD, a0_BxTxH
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxTxS, zero_key_HxK)
+    return self.out(out_BxTxHxK), a0_BxTxH, cache
 
 
 class Mlp(nn.Module):
@@ -285,25 +302,36 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder layer. Returns `(x, a0_BxT)`, a0 meaned over heads."""
+  """Pre-norm decoder layer. Returns `(x, a0_BxT)`, a0 meaned over heads,
+  and the updated KV cache as a third element when `cache` is given."""
   cfg: ModelConfig
   deterministic: bool = True
 
-  @nn.compact
-  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT):
-    cfg = self.cfg
-    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-    h_BxTxD, a0_BxTxH = Attention(cfg, name='attn')(
-        _rms_norm(cfg, 'attn_norm')(x_BxTxD).astype(DTYPES[cfg.dtype]),
-        zero_key_HxK, positions_BxT)
-    x_BxTxD = x_BxTxD + drop(h_BxTxD)
-    h_BxTxD = Mlp(cfg, name='mlp')(
-        _rms_norm(cfg, 'mlp_norm')(x_BxTxD).astype(DTYPES[cfg.dtype]))
-    x_BxTxD = x_BxTxD + drop(h_BxTxD)
+  def setup(self):
+    self.attn_norm = _rms_norm(self.cfg)
+    self.attn = Attention(self.cfg)
+    self.mlp_norm = _rms_norm(self.cfg)
+    self.mlp = Mlp(self.cfg)
+    self.drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
+
+  def kv(self, x_BxTxD, positions_BxT):
+    """The keys and values this layer would cache for input `x`."""
+    return self.attn.kv(self._normed(self.attn_norm, x_BxTxD), positions_BxT)
+
+  def _normed(self, norm, x_BxTxD):
+    return norm(x_BxTxD).astype(DTYPES[self.cfg.dtype])
+
+  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT, cache=None):
+    h_BxTxD, a0_BxTxH, cache = self.attn(
+        self._normed(self.attn_norm, x_BxTxD), zero_key_HxK, positions_BxT,
+        cache)
+    x_BxTxD = x_BxTxD + self.drop(h_BxTxD)
+    h_BxTxD = self.mlp(self._normed(self.mlp_norm, x_BxTxD))
+    x_BxTxD = x_BxTxD + self.drop(h_BxTxD)
     x_BxTxD = nn.with_logical_constraint(
         x_BxTxD, ('activation_batch', 'activation_length', 'activation_embed'))
     a0_BxT = None if a0_BxTxH is None else a0_BxTxH.mean(-1)
-    return x_BxTxD, a0_BxT
+    return (x_BxTxD, a0_BxT) if cache is None else (x_BxTxD, a0_BxT, cache)
 
 
 def remat_policy(name: str):
@@ -351,6 +379,25 @@ class LayerStack(nn.Module):
     return x_BxTxD, None if a0s[0] is None else jnp.stack(a0s)
 
 
+def apply_gate(cfg: ModelConfig, x_BxTxD, y_BxTxD, gate_w_D, gate_b):
+  """`x + g * (y - x)` for this cycle's gate; returns `(state, g_BxT)`.
+
+  `g = sigmoid(w . rmsnorm(y) + b)` per token (`token`), `sigmoid(b)`
+  (`scalar`); with `gate='none'` the state is `y` and `g` is None.
+  """
+  if cfg.gate == 'none':
+    return y_BxTxD, None
+  if cfg.gate == 'scalar':
+    logit_BxT = jnp.broadcast_to(gate_b, y_BxTxD.shape[:2])
+  else:
+    y32 = y_BxTxD.astype(jnp.float32)
+    y32 = y32 * jax.lax.rsqrt(jnp.mean(y32 * y32, -1, keepdims=True) + 1e-6)
+    logit_BxT = y32 @ gate_w_D + gate_b
+  g_BxT = jax.nn.sigmoid(logit_BxT)
+  return x_BxTxD + (g_BxT[..., None] * (y_BxTxD - x_BxTxD)).astype(
+      y_BxTxD.dtype), g_BxT
+
+
 class Cycle(nn.Module):
   """One pass of the shared middle stack, then the gate.
 
@@ -368,19 +415,22 @@ class Cycle(nn.Module):
     y_BxTxD, a0_LxBxT = LayerStack(cfg, cfg.mid_layers, self.deterministic,
                                    name='stack')(
                                        x_BxTxD, xs['zero_keys'], positions_BxT)
-    g_BxT = None
-    if cfg.gate != 'none':
-      if cfg.gate == 'scalar':
-        logit_BxT = jnp.broadcast_to(xs['gate_b'], y_BxTxD.shape[:2])
-      else:
-        y32 = y_BxTxD.astype(jnp.float32)
-        y32 = y32 * jax.lax.rsqrt(jnp.mean(y32 * y32, -1, keepdims=True) + 1e-6)
-        logit_BxT = y32 @ xs['gate_w'] + xs['gate_b']
-      g_BxT = jax.nn.sigmoid(logit_BxT)
-      y_BxTxD = x_BxTxD + (g_BxT[..., None] * (y_BxTxD - x_BxTxD)).astype(
-          y_BxTxD.dtype)
+    y_BxTxD, g_BxT = apply_gate(cfg, x_BxTxD, y_BxTxD, xs['gate_w'],
+                                xs['gate_b'])
     a0_BxT = None if a0_LxBxT is None else a0_LxBxT.mean(0)
     return y_BxTxD, (y_BxTxD if self.keep_states else None, a0_BxT, g_BxT)
+
+
+def expand_pool(cfg: ModelConfig, pool):
+  """The stored Zero-Token Pool broadcast to [C, L, H, K] (None stays None)."""
+  if pool is None:
+    return None
+  if cfg.zero_pool == 'cycle':
+    pool = pool[:, None]
+  elif cfg.zero_pool == 'layer':
+    pool = pool[None]
+  return jnp.broadcast_to(pool, (cfg.cycles, cfg.mid_layers, cfg.n_heads,
+                                 cfg.resolved_head_dim))
 
 
 class CycledMiddle(nn.Module):
@@ -405,15 +455,10 @@ class CycledMiddle(nn.Module):
     }[cfg.zero_pool]
     if shape is None:
       return None
-    pool = self.param(
+    return expand_pool(cfg, self.param(
         'zero_keys', nn.with_logical_partitioning(
             nn.initializers.normal(cfg.zero_key_init_std), axes),
-        shape, DTYPES[cfg.param_dtype])
-    if cfg.zero_pool == 'cycle':
-      pool = pool[:, None]
-    elif cfg.zero_pool == 'layer':
-      pool = pool[None]
-    return jnp.broadcast_to(pool, (c, l, h, k))
+        shape, DTYPES[cfg.param_dtype]))
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT):

@@ -1,0 +1,214 @@
+"""Cached decoding, early exit and sampling against the full forward pass."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from ztt_jax import generate
+from ztt_jax import model
+from ztt_jax.errors import ConfigError
+
+B, T, V = 2, 10, 48
+# Cached and uncached paths sum in different orders: float32 round-off only.
+ATOL = 2e-5
+
+
+def make(variant='ztt', **overrides):
+  m = tiny.get_config(variant).model
+  m.update(vocab_size=V, **overrides)
+  cfg = model.ModelConfig.from_config(m)
+  rng = np.random.default_rng(0)
+  abstract = model.abstract_params(model.build(cfg))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.asarray(
+          ('scale' in str(path)) + 0.3 * rng.standard_normal(a.shape),
+          a.dtype), abstract)
+  return cfg, params
+
+
+def tokens(seed=1, shape=(B, T)):
+  return jax.random.randint(jax.random.key(seed), shape, 0, V)
+
+
+def positions(b=B, t=T):
+  return jnp.broadcast_to(jnp.arange(t), (b, t))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def full_forward(cfg, params, tokens_BxT):
+  return model.build(cfg).apply({'params': params}, tokens_BxT)
+
+
+def decode_all(cfg, params, tokens_BxT, prefill, rule=generate.ExitRule(),
+               threshold=0.0):
+  """Prefill `prefill` tokens, then feed the rest one at a time."""
+  step = jax.jit(functools.partial(generate.forward, cfg, rule=rule),
+                 donate_argnums=())
+  cache = generate.init_cache(cfg, B, T)
+  logits, cycles, cache = step(params, tokens_BxT[:, :prefill],
+                               positions(B, prefill), cache,
+                               threshold=jnp.float32(threshold))
+  all_logits, all_cycles = [logits], [cycles]
+  for t in range(prefill, T):
+    logits, cycles, cache = step(params, tokens_BxT[:, t:t + 1],
+                                 jnp.full((B, 1), t), cache,
+                                 threshold=jnp.float32(threshold))
+    all_logits.append(logits)
+    all_cycles.append(cycles)
+  return jnp.concatenate(all_logits, 1), jnp.concatenate(all_cycles, 1)
+
+
+@pytest.mark.parametrize('variant', model.VARIANTS)
+def test_forward_and_cached_decoding_match_the_model(variant):
+  cfg, params = make(variant)
+  x = tokens()
+  ref = full_forward(cfg, params, x).logits
+  logits, cycles, _ = jax.jit(functools.partial(generate.forward, cfg))(
+      params, x, positions())
+  np.testing.assert_allclose(logits, ref, atol=ATOL)
+  assert np.all(cycles == cfg.cycles)
+  decoded, cycles = decode_all(cfg, params, x, prefill=4)
+  np.testing.assert_allclose(decoded, ref, atol=ATOL)
+  assert np.all(cycles == cfg.cycles)
+
+
+def test_unrolled_params_decode_the_same():
+  cfg, params = make('ztt')
+  x = tokens()
+  ref = full_forward(cfg, params, x).logits
+  unrolled = model.convert_params(params, scan_layers=False)
+  out = generate.generate(dataclasses.replace(cfg, scan_layers=False),
+                          unrolled, [x[0, :4]], 3, jax.random.key(0))
+  greedy = generate.generate(cfg, params, [x[0, :4]], 3, jax.random.key(0))
+  np.testing.assert_array_equal(out.tokens_BxN, greedy.tokens_BxN)
+  assert ref.shape == (B, T, V)
+
+
+def test_thresholds_never_and_always_met():
+  cfg, params = make('ztt')
+  x = tokens()
+  out = full_forward(cfg, params, x)
+  run = jax.jit(functools.partial(generate.forward, cfg, rule=generate.ExitRule(
+      'zero_attention', 1)))
+  never, cycles, _ = run(params, x, positions(), threshold=jnp.float32(2.0))
+  np.testing.assert_allclose(never, out.logits, atol=ATOL)
+  assert np.all(cycles == cfg.cycles)
+  for min_cycles in (1, 2):
+    rule = generate.ExitRule('zero_attention', min_cycles)
+    always, cycles, _ = generate.forward(cfg, params, x, positions(),
+                                         rule=rule, threshold=-1.0)
+    assert np.all(cycles == min_cycles)
+    np.testing.assert_allclose(always, out.cycle_logits[min_cycles - 1],
+                               atol=ATOL)
+  # Token-by-token decoding (and the prefill here) follows the same rule.
+  _, cycles = decode_all(cfg, params, x, 3, generate.ExitRule('gate', 2), 1.0)
+  assert np.all(cycles == 2)
+
+
+def test_per_sequence_exit_freezes_only_exited_sequences():
+  cfg, params = make('ztt')
+  x = tokens()
+  out = full_forward(cfg, params, x)
+  stat_CxB = np.asarray(out.zero_attention.mean(-1))
+  tau = float(stat_CxB[0].mean())  # Between the two sequences' statistics.
+  rule = generate.ExitRule('zero_attention', 1)
+  logits, cycles, _ = generate.forward(cfg, params, x, positions(), rule=rule,
+                                       threshold=tau)
+  for b in range(B):
+    passed = np.nonzero(stat_CxB[:, b] >= tau)[0]
+    expected = min(passed[0] + 1 if len(passed) else cfg.cycles, cfg.cycles)
+    assert np.all(cycles[b] == expected)
+    np.testing.assert_allclose(logits[b], out.cycle_logits[expected - 1, b],
+                               atol=ATOL)
+  assert len(set(np.asarray(cycles[:, 0]).tolist())) == 2, stat_CxB
+
+
+def test_per_token_exit_propagates_state_into_the_cache():
+  """Mixed per-token exits while decoding equal a whole-sequence pass in
+  which each token runs exactly the cycles it ran while decoding and feeds
+  its exit state to every later layer (state propagation)."""
+  cfg, params = make('ztt', n_cycles=4)
+  x = tokens()
+  out = full_forward(cfg, params, x)
+  tau = float(np.median(out.zero_attention[1]))
+  rule = generate.ExitRule('zero_attention', 1)
+  decoded, cycles = decode_all(cfg, params, x, 2, rule, tau)
+  assert len(np.unique(cycles[:, 2:])) > 1, cycles  # Really mixed.
+  reference, ref_cycles, _ = generate.forward(
+      cfg, params, x, positions(), forced_cycles_BxT=cycles)
+  np.testing.assert_array_equal(ref_cycles, cycles)
+  np.testing.assert_allclose(decoded, reference, atol=ATOL)
+  # And propagation matters: without it the result differs.
+  assert not np.allclose(decoded, out.logits, atol=1e-3)
+
+
+def test_greedy_is_argmax_and_prompts_of_different_lengths_batch():
+  cfg, params = make('ztt')
+  prompts = [np.array([3, 1, 4]), np.array([1, 5, 9, 2, 6, 5])]
+  both = generate.generate(cfg, params, prompts, 5, jax.random.key(0))
+  for row, prompt in enumerate(prompts):
+    alone = generate.generate(cfg, params, [prompt], 5, jax.random.key(0))
+    np.testing.assert_array_equal(alone.tokens_BxN[0], both.tokens_BxN[row])
+    seq = list(prompt)
+    for token in both.tokens_BxN[row]:
+      # Causal: padding after the sequence does not change its last logits.
+      padded = jnp.asarray([seq + [0] * (16 - len(seq))])
+      logits = full_forward(cfg, params, padded).logits
+      assert int(jnp.argmax(logits[0, len(seq) - 1])) == token
+      seq.append(int(token))
+  assert np.all(both.cycles_BxN == cfg.cycles)
+
+
+def test_sampling_is_reproducible_and_seeded():
+  cfg, params = make('ztt')
+  run = lambda seed, **kw: generate.generate(
+      cfg, params, [np.array([1, 2])], 8, jax.random.key(seed),
+      temperature=1.0, **kw).tokens_BxN
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.array_equal(run(0), run(1))
+  greedy = generate.generate(cfg, params, [np.array([1, 2])], 8,
+                             jax.random.key(0)).tokens_BxN
+  np.testing.assert_array_equal(run(3, top_k=1), greedy)
+  np.testing.assert_array_equal(run(4, top_p=1e-6), greedy)
+
+
+def test_end_token_stops_a_row():
+  cfg, params = make('ztt')
+  first = generate.generate(cfg, params, [np.array([1, 2])], 6,
+                            jax.random.key(0)).tokens_BxN[0]
+  end = int(first[2])
+  out = generate.generate(cfg, params, [np.array([1, 2])], 6,
+                          jax.random.key(0), end_id=end)
+  stop = list(first).index(end)
+  assert out.lengths_B[0] == stop + 1
+  assert np.all(out.tokens_BxN[0, stop + 1:] == -1)
+  assert np.all(out.cycles_BxN[0, stop + 1:] == 0)
+
+
+def test_pick_top_p_keeps_the_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  seen = {int(generate.pick(logits, jax.random.key(s), 1.0, top_p=0.7)[0])
+          for s in range(200)}
+  assert seen == {0, 1}
+
+
+@pytest.mark.parametrize('rule, message', [
+    (generate.ExitRule('deep'), 'exit.criterion'),
+    (generate.ExitRule('zero_attention', 0), 'exit.min_cycles'),
+    (generate.ExitRule('fixed', 9), 'exit.min_cycles'),
+])
+def test_bad_exit_rules(rule, message):
+  cfg, _ = make('ztt')
+  with pytest.raises(ConfigError, match=message):
+    rule.validate(cfg)
+
+
+def test_zero_attention_exit_needs_zero_tokens():
+  cfg, _ = make('head_tail_cycle')
+  with pytest.raises(ConfigError, match='zero tokens'):
+    generate.ExitRule('zero_attention').validate(cfg)
