@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -69,8 +70,9 @@ class MetricWriter:
     bar = progress_bar(step, self.total_steps)
     line = f'{bar} step {step}/{self.total_steps} ' + ' '.join(parts)
     if self.tty and 'val_loss' not in row:
-      self.stream.write('\r' + line[:os.get_terminal_size().columns - 1]
-                        if _has_terminal() else '\r' + line)
+      # One line, redrawn in place; eval lines stay on screen.
+      width = shutil.get_terminal_size().columns - 1
+      self.stream.write('\r' + line[:width].ljust(width))
     else:
       self.stream.write(('\n' if self.tty else '') + line + '\n')
     self.stream.flush()
@@ -84,14 +86,6 @@ class MetricWriter:
     if self._jsonl:
       self._jsonl.close()
       self._tb.close()
-
-
-def _has_terminal() -> bool:
-  try:
-    os.get_terminal_size()
-    return True
-  except OSError:
-    return False
 
 
 def _fmt(value: Any) -> str:
