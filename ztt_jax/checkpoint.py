@@ -8,6 +8,8 @@ separate item so tools can load them without the optimizer state.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
@@ -55,11 +57,45 @@ class Checkpointer:
         step=restored.opt_state['step'], params=restored.params,
         opt_state=restored.opt_state['opt_state'])
 
+  def restore_latest_good(self, abstract_state: Any, data_iterator,
+                          warn=print):
+    """Restores the newest checkpoint that reads back; `(state, step)`.
+
+    A checkpoint that fails to restore (a truncated or missing file) is
+    moved to `WORKDIR/checkpoints_corrupt/` for inspection (never deleted)
+    with a warning, and the next older one is tried. `(None, None)` when
+    none is left.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(step, abstract_state, data_iterator), step
+      except Exception as e:  # pylint: disable=broad-except
+        kept = self.quarantine(step)
+        warn(f'warning: checkpoint {step} is unreadable ({type(e).__name__}:'
+             f' {_first_line(e)}); moved it to {kept} and trying an older '
+             'one')
+    return None, None
+
+  def quarantine(self, step: int) -> str:
+    """Moves checkpoint `step` out of the manager's view; returns where."""
+    bad_dir = os.path.join(os.path.dirname(self.directory),
+                           'checkpoints_corrupt')
+    os.makedirs(bad_dir, exist_ok=True)
+    target = os.path.join(bad_dir, f'{step}-{int(time.time())}')
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:200] if text else ''
 
 
 def checkpoint_dir(workdir) -> str:
