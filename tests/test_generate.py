@@ -63,9 +63,26 @@ def decode_all(cfg, params, tokens_BxT, prefill, rule=generate.ExitRule(),
   return jnp.concatenate(all_logits, 1), jnp.concatenate(all_cycles, 1)
 
 
-@pytest.mark.parametrize('variant', model.VARIANTS)
-def test_forward_and_cached_decoding_match_the_model(variant):
-  cfg, params = make(variant)
+# Architectures that imported checkpoints use (convert.py): GPT-2 style
+# (learned positions, LayerNorm, biases, GELU) and Llama style (grouped-query
+# attention with a 2-head KV cache, untied head, other RMSNorm epsilon).
+GPT2_STYLE = dict(positions='learned', max_seq_len=T + 2, norm='layernorm',
+                  norm_eps=1e-5, qkv_bias=True, out_bias=True, mlp_bias=True,
+                  mlp='gelu')
+LLAMA_STYLE = dict(n_kv_heads=2, tie_embeddings=False, norm_eps=1e-5,
+                   rope_theta=500_000.0)
+
+
+@pytest.mark.parametrize('variant, overrides', [
+    *[(v, {}) for v in model.VARIANTS],
+    ('ztt', GPT2_STYLE), ('vanilla', GPT2_STYLE),
+    ('ztt', LLAMA_STYLE), ('head_tail_cycle', LLAMA_STYLE),
+], ids=lambda x: x if isinstance(x, str) else (
+    'gpt2_style' if x is GPT2_STYLE else 'llama_style' if x else 'native'))
+def test_forward_and_cached_decoding_match_the_model(variant, overrides):
+  cfg, params = make(variant, **overrides)
+  if cfg.n_kv_heads:
+    assert generate.init_cache(cfg, B, T).mid[0].shape[-2] == cfg.n_kv_heads
   x = tokens()
   ref = full_forward(cfg, params, x).logits
   logits, cycles, _ = jax.jit(functools.partial(generate.forward, cfg))(

@@ -136,21 +136,40 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, corpus):
     ('valid', {'train.grad_accum_steps': 3}, 'grad_accum_steps'),
     ('valid', {'mesh.data': 3}, 'config.mesh'),
     ('valid', {'data.tokenizer': 'words'}, 'tokenizer'),
+    ('binary', {'data.tokenizer': 'char'}, 'UTF-8'),
+    ('valid', {'data.seq_len': 100_000}, 'seq_len'),
+    ('valid', {'data.seq_len': 0}, 'data.seq_len'),
+    ('valid', {'data.val_fraction': 0.7}, 'val_fraction'),
+    ('valid', {'train.log_every_steps': 0}, 'train.log_every_steps'),
+    ('valid', {'train.eval_every_steps': -1}, 'train.eval_every_steps'),
+    ('valid', {'train.lr': 0.0}, 'train.lr'),
+    ('valid', {'train.nan_policy': 'ignore'}, 'train.nan_policy'),
+    ('valid', {'checkpoint.keep': 0}, 'checkpoint.keep'),
+    ('valid', {'model.dropout': 1.5}, 'model.dropout'),
+    ('valid', {'model.zero_pool': 'everywhere'}, 'model.zero_pool'),
+    ('valid', {'model.variant': 'head_tail_cycle', 'model.gate': 'token'},
+     'model.gate'),
+    ('unwritable', {}, 'writable'),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus_kind,
                                                   change, message):
   (tmp_path / 'empty.txt').write_bytes(b'')
   (tmp_path / 'short.txt').write_text('too short')
+  (tmp_path / 'binary.bin').write_bytes(bytes(range(256)) * 64)
+  (tmp_path / 'a_file').write_text('not a directory')
   config = tiny.get_config('ztt')
   config.data.tokenizer = 'byte'
   config.data.path = {'missing': str(tmp_path / 'nonexistent.txt'),
                       'empty': str(tmp_path / 'empty.txt'),
                       'short': str(tmp_path / 'short.txt'),
-                      'valid': __file__}[corpus_kind]
+                      'binary': str(tmp_path / 'binary.bin'),
+                      'valid': __file__,
+                      'unwritable': __file__}[corpus_kind]
   for dotted, value in change.items():
     section, name = dotted.split('.')
     config[section][name] = value
-  workdir = tmp_path / 'run'
+  workdir = (tmp_path / 'a_file' / 'run' if corpus_kind == 'unwritable'
+             else tmp_path / 'run')
   with pytest.raises(ConfigError, match=message) as e:
     train.train(config, str(workdir))
   assert '\n' not in str(e.value)

@@ -54,6 +54,10 @@ def base_config(variant: str = 'ztt') -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 250  # 0: only at the end.
   c.train.eval_batches = 8  # Fixed validation batches per eval.
   c.train.peak_flops = 0.0  # Per-device FLOP/s for MFU; 0: measure matmul.
+  # Non-finite loss or grads: 'stop' (save state + batch under
+  # WORKDIR/nonfinite/, exit 1) or 'skip' (drop that update, go on).
+  c.train.nan_policy = 'stop'
+  c.train.inject_nan_at_step = -1  # Tests only: poison this step.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
@@ -72,10 +76,12 @@ def base_config(variant: str = 'ztt') -> ml_collections.ConfigDict:
       ('vocab', 'tensor'),
       ('embed', 'fsdp'),
       ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),  # Key/value heads under grouped-query attention.
       ('kv', None),
       ('mlp', 'tensor'),
       ('layers', None),
       ('cycles', None),
+      ('positions', None),  # Rows of a learned position table.
   )
 
   c.sample = ml_collections.ConfigDict()

@@ -66,15 +66,19 @@ class ExitRule:
 
 
 class Cache(NamedTuple):
-  """Keys and values per stack: (k, v), each [layers, B, S, H, K]; the
-  middle stack has a leading cycle axis [C, layers, B, S, H, K]."""
+  """Keys and values per stack: (k, v), each [layers, B, S, G, K] (G: the
+  key/value heads, `n_kv_heads`); the middle stack has a leading cycle axis
+  [C, layers, B, S, G, K]."""
   head: Any
   mid: Any
   tail: Any
 
 
 def init_cache(cfg: model_lib.ModelConfig, batch: int, length: int) -> Cache:
-  shape = (batch, length, cfg.n_heads, cfg.resolved_head_dim)
+  check(cfg.positions != 'learned' or length <= cfg.max_seq_len,
+        f'prompt plus new tokens ({length}) exceed the learned position table '
+        f'(model.max_seq_len={cfg.max_seq_len}); ask for fewer tokens')
+  shape = (batch, length, cfg.resolved_kv_heads, cfg.resolved_head_dim)
   dtype = model_lib.DTYPES[cfg.dtype]
 
   def zeros(*lead):
@@ -125,10 +129,14 @@ def _stack_kv(cfg, layers, h_BxTxD, positions_BxT):
                             method='kv'), layers)
 
 
-def _embed(cfg, params, tokens_BxT):
-  return nn.Embed(cfg.vocab_size, cfg.d_model,
-                  dtype=model_lib.DTYPES[cfg.dtype]).apply(
-                      {'params': params['embed']}, tokens_BxT)
+def _embed(cfg, params, tokens_BxT, positions_BxT):
+  x_BxTxD = nn.Embed(cfg.vocab_size, cfg.d_model,
+                     dtype=model_lib.DTYPES[cfg.dtype]).apply(
+                         {'params': params['embed']}, tokens_BxT)
+  if cfg.positions == 'learned':
+    x_BxTxD = x_BxTxD + model_lib.position_embed(cfg).apply(
+        {'params': params['pos_embed']}, positions_BxT)
+  return x_BxTxD
 
 
 def _exit_head(cfg, params, x_BxTxD, positions_BxT, tail_cache):
@@ -137,7 +145,7 @@ def _exit_head(cfg, params, x_BxTxD, positions_BxT, tail_cache):
     x_BxTxD, _, tail_cache = _run_stack(cfg, params['tail']['layers'],
                                         x_BxTxD, None, positions_BxT,
                                         tail_cache)
-  h_BxTxD = model_lib._rms_norm(cfg).apply(  # pylint: disable=protected-access
+  h_BxTxD = model_lib.norm_layer(cfg).apply(
       {'params': params['final_norm']}, x_BxTxD).astype(
           model_lib.DTYPES[cfg.dtype])
   if cfg.tie_embeddings:
@@ -176,7 +184,7 @@ def forward(cfg: model_lib.ModelConfig, params, tokens_BxT, positions_BxT,
     `(logits_BxTxV, cycles_BxT, cache)`: logits from the exit state, the
     cycles every position ran, and the updated cache (None without one).
   """
-  x_BxTxD = _embed(cfg, params, tokens_BxT)
+  x_BxTxD = _embed(cfg, params, tokens_BxT, positions_BxT)
   head_cache = mid_cache = tail_cache = None
   if cache is not None:
     head_cache, mid_cache, tail_cache = cache

@@ -38,6 +38,8 @@ ZERO_POOLS = ('none', 'cycle_layer', 'cycle', 'layer')
 GATES = ('none', 'scalar', 'token')
 EXIT_LOSSES = ('none', 'last', 'uniform', 'linear')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+POSITIONS = ('rope', 'learned')
+NORMS = ('rmsnorm', 'layernorm')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
 
@@ -52,6 +54,12 @@ class ModelConfig:
   `zero_pool`, `gate` and `exit_loss` may be 'auto' in the ConfigDict: for
   `ztt` that means `cycle_layer`, `token`, `linear`; for the other variants
   `none`.
+
+  The fields after `remat_policy` are the switches that importing a
+  pretrained checkpoint needs (`convert.py`; GPT-2: learned positions,
+  LayerNorm, biases, GELU; Llama: grouped-query attention, RMSNorm epsilon,
+  untied head). Their defaults are the native architecture, with exactly the
+  param tree it always had.
   """
   variant: str = 'ztt'
   vocab_size: int = 256
@@ -77,6 +85,14 @@ class ModelConfig:
   gate_bias_init: float = 3.0
   scan_layers: bool = True
   remat_policy: str = 'none'
+  n_kv_heads: int = 0  # 0: n_heads. Fewer: grouped-query attention.
+  positions: str = 'rope'  # rope (rotary q/k) | learned (absolute table).
+  max_seq_len: int = 0  # Rows of the learned position table.
+  norm: str = 'rmsnorm'  # rmsnorm | layernorm (with bias).
+  norm_eps: float = 1e-6  # Epsilon of every norm but the gate's.
+  qkv_bias: bool = False  # Biases on the query, key and value projections.
+  out_bias: bool = False  # Bias on the attention output projection.
+  mlp_bias: bool = False  # Biases on the MLP projections.
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict | dict | ModelConfig
@@ -109,14 +125,16 @@ class ModelConfig:
     for name in ('vocab_size', 'd_model', 'n_heads', 'n_mid_layers',
                  'n_cycles'):
       pos(name)
-    for name in ('n_head_layers', 'n_tail_layers', 'head_dim', 'd_ff'):
+    for name in ('n_head_layers', 'n_tail_layers', 'head_dim', 'd_ff',
+                 'n_kv_heads', 'max_seq_len'):
       nonneg(name)
     for name, allowed in (('zero_pool', ZERO_POOLS), ('gate', GATES),
                           ('exit_loss', EXIT_LOSSES),
                           ('remat_policy', REMAT_POLICIES),
                           ('mlp', ('swiglu', 'gelu')),
                           ('dtype', tuple(DTYPES)),
-                          ('param_dtype', tuple(DTYPES))):
+                          ('param_dtype', tuple(DTYPES)),
+                          ('positions', POSITIONS), ('norm', NORMS)):
       check(getattr(self, name) in allowed,
             f'model.{name}={getattr(self, name)!r} is not one of {allowed}')
     if self.variant != 'ztt':
@@ -128,17 +146,32 @@ class ModelConfig:
       check(self.d_model % self.n_heads == 0,
             f'model.n_heads={self.n_heads} does not divide model.d_model='
             f'{self.d_model}; change one of them or set model.head_dim')
-    check(self.resolved_head_dim % 2 == 0,
+    check(self.positions != 'rope' or self.resolved_head_dim % 2 == 0,
           f'head dim {self.resolved_head_dim} must be even for rotary '
           'positions; change model.d_model, model.n_heads or model.head_dim')
     check(0.0 <= self.dropout < 1.0,
           f'model.dropout={self.dropout} must be in [0, 1)')
+    check(self.n_heads % self.resolved_kv_heads == 0,
+          f'model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads='
+          f'{self.n_heads}; pick a divisor of n_heads (0: n_heads)')
+    check(self.positions != 'learned' or self.max_seq_len > 0,
+          "model.positions='learned' needs model.max_seq_len > 0 (the rows of "
+          'the position table); set --config.model.max_seq_len')
+    check(self.norm_eps > 0,
+          f'model.norm_eps={self.norm_eps} must be positive')
+    for name in ('qkv_bias', 'out_bias', 'mlp_bias'):
+      check(isinstance(getattr(self, name), bool),
+            f'model.{name}={getattr(self, name)!r} must be True or False')
     return self
 
   # Layer structure, after the variant is applied.
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def resolved_kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
 
   @property
   def resolved_d_ff(self) -> int:
@@ -205,99 +238,152 @@ def _dense_init(cfg: ModelConfig, axes: tuple[str, ...], scale: float = 1.0):
       nn.initializers.normal(cfg.init_std * scale), axes)
 
 
-def _rms_norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+def norm_layer(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+  """`model.norm` over the model width, in float32: RMSNorm (param `scale`)
+  or LayerNorm (`scale` and `bias`, exact two-pass variance)."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones, ('embed',))
+  if cfg.norm == 'layernorm':
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps, dtype=jnp.float32,
+        param_dtype=DTYPES[cfg.param_dtype], scale_init=scale_init,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                               ('embed',)),
+        use_fast_variance=False, name=name)
   return nn.RMSNorm(
-      epsilon=1e-6, dtype=jnp.float32, param_dtype=DTYPES[cfg.param_dtype],
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones,
-                                              ('embed',)),
-      name=name)
+      epsilon=cfg.norm_eps, dtype=jnp.float32,
+      param_dtype=DTYPES[cfg.param_dtype], scale_init=scale_init, name=name)
 
 
 class Projection(nn.Module):
   """`einsum(equation, x, kernel)` with a logically-partitioned kernel.
 
   (`nn.DenseGeneral` initialises a flattened kernel and then reshapes it,
-  which breaks its logical sharding constraint under a mesh.)
+  which breaks its logical sharding constraint under a mesh.) With
+  `bias_axes`, a zero-initialised `bias` over the last `len(bias_axes)`
+  kernel dimensions (the output ones) is added.
   """
   cfg: ModelConfig
   equation: str
   shape: tuple[int, ...]
   axes: tuple[str, ...]
   scale: float = 1.0
+  bias_axes: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', _dense_init(self.cfg, self.axes, self.scale),
                         self.shape, DTYPES[self.cfg.param_dtype])
     dtype = DTYPES[self.cfg.dtype]
-    return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+    y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+    if self.bias_axes:
+      bias = self.param(
+          'bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                               self.bias_axes),
+          self.shape[-len(self.bias_axes):], DTYPES[self.cfg.param_dtype])
+      y = y + bias.astype(dtype)
+    return y
 
 
 class Attention(nn.Module):
   """Causal self-attention with rotary positions and an optional zero key.
 
-  With `cache=(k_BxSxHxK, v_BxSxHxK)` the new keys and values are written at
+  With `cache=(k_BxSxGxK, v_BxSxGxK)` the new keys and values are written at
   `positions_BxT` (contiguous per row) and the queries attend to every cache
   slot at or before their position; the updated cache is returned too.
+
+  With `n_kv_heads` = G < H (grouped-query attention) the key and value
+  projections have G heads (logical axis `kv_heads`), the cache stores G
+  heads, and query head i reads key/value head `i // (H // G)`. With
+  `positions='learned'` no rotary is applied (the positions were added to
+  the embeddings).
   """
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
     d, h, k = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
-    proj = functools.partial(Projection, cfg, 'btd,dhk->bthk', (d, h, k),
-                             ('embed', 'heads', 'kv'))
-    self.query, self.key, self.value = proj(), proj(), proj()
+    g = cfg.resolved_kv_heads
+    kv_axis = 'heads' if g == h else 'kv_heads'
+    bias = lambda axis: (axis, 'kv') if cfg.qkv_bias else ()
+    self.query = Projection(cfg, 'btd,dhk->bthk', (d, h, k),
+                            ('embed', 'heads', 'kv'),
+                            bias_axes=bias('heads'))
+    kv_proj = functools.partial(Projection, cfg, 'btd,dhk->bthk', (d, g, k),
+                                ('embed', kv_axis, 'kv'),
+                                bias_axes=bias(kv_axis))
+    self.key, self.value = kv_proj(), kv_proj()
     self.out = Projection(cfg, 'bthk,hkd->btd', (h, k, d),
                           ('heads', 'kv', 'embed'),
-                          scale=1.0 / (2 * cfg.executed_layers) ** 0.5)
+                          scale=1.0 / (2 * cfg.executed_layers) ** 0.5,
+                          bias_axes=('embed',) if cfg.out_bias else ())
+
+  def _rotary(self, x_BxTxHxK, positions_BxT):
+    if self.cfg.positions != 'rope':
+      return x_BxTxHxK
+    return attention.rotary(x_BxTxHxK, positions_BxT, self.cfg.rope_theta)
+
+  def queries(self, x_BxTxD, positions_BxT):
+    """The queries of `x` as attention sees them (rotary applied)."""
+    return self._rotary(self.query(x_BxTxD), positions_BxT)
 
   def kv(self, x_BxTxD, positions_BxT):
-    """Rotary keys and the values of `x` (also what a KV cache stores)."""
-    return (attention.rotary(self.key(x_BxTxD), positions_BxT,
-                             self.cfg.rope_theta), self.value(x_BxTxD))
+    """Rotary keys and the values of `x` (also what a KV cache stores),
+    each [B, T, G, K]."""
+    return (self._rotary(self.key(x_BxTxD), positions_BxT),
+            self.value(x_BxTxD))
 
   def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT, cache=None):
-    q_BxTxHxK = attention.rotary(self.query(x_BxTxD), positions_BxT,
-                                 self.cfg.rope_theta)
-    k_BxTxHxK, v_BxTxHxK = self.kv(x_BxTxD, positions_BxT)
+    q_BxTxHxK = self.queries(x_BxTxD, positions_BxT)
+    k_BxTxGxK, v_BxTxGxK = self.kv(x_BxTxD, positions_BxT)
     if cache is None:
       key_positions_BxS = positions_BxT
     else:
-      k_BxTxHxK, v_BxTxHxK = cache = attention.write_cache(
-          cache, (k_BxTxHxK, v_BxTxHxK), positions_BxT[:, 0])
+      k_BxTxGxK, v_BxTxGxK = cache = attention.write_cache(
+          cache, (k_BxTxGxK, v_BxTxGxK), positions_BxT[:, 0])
       key_positions_BxS = jnp.broadcast_to(
-          jnp.arange(k_BxTxHxK.shape[1]), k_BxTxHxK.shape[:2])
+          jnp.arange(k_BxTxGxK.shape[1]), k_BxTxGxK.shape[:2])
+    groups = self.cfg.n_heads // self.cfg.resolved_kv_heads
+    if groups > 1:
+      k_BxTxGxK, v_BxTxGxK = (jnp.repeat(a, groups, axis=2)
+                              for a in (k_BxTxGxK, v_BxTxGxK))
     mask_BxTxS = attention.causal_mask(positions_BxT, key_positions_BxS)
     out_BxTxHxK, a0_BxTxH = attention.zero_token_attention(
-        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_BxTxS, zero_key_HxK)
+        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, zero_key_HxK)
     return self.out(out_BxTxHxK), a0_BxTxH, cache
 
 
 class Mlp(nn.Module):
-  """SwiGLU (default) or GELU feed-forward block."""
+  """SwiGLU (default) or GELU feed-forward block.
+
+  GELU is the tanh approximation (GPT-2's `gelu_new`); `mlp_bias` adds
+  biases to every projection (GPT-2).
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.cfg
-    dense = functools.partial(
-        nn.Dense, use_bias=False, dtype=DTYPES[cfg.dtype],
-        param_dtype=DTYPES[cfg.param_dtype])
+
+    def dense(features, axes, scale=1.0, name=None):
+      return nn.Dense(
+          features, use_bias=cfg.mlp_bias, dtype=DTYPES[cfg.dtype],
+          param_dtype=DTYPES[cfg.param_dtype],
+          kernel_init=_dense_init(cfg, axes, scale),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                 axes[-1:]),
+          name=name)
+
     f = cfg.resolved_d_ff
-    up_BxTxF = dense(f, kernel_init=_dense_init(cfg, ('embed', 'mlp')),
-                     name='up')(x_BxTxD)
+    up_BxTxF = dense(f, ('embed', 'mlp'), name='up')(x_BxTxD)
     if cfg.mlp == 'swiglu':
-      gate_BxTxF = dense(f, kernel_init=_dense_init(cfg, ('embed', 'mlp')),
-                         name='gate')(x_BxTxD)
+      gate_BxTxF = dense(f, ('embed', 'mlp'), name='gate')(x_BxTxD)
       h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
     else:
       h_BxTxF = nn.gelu(up_BxTxF)
     h_BxTxF = nn.with_logical_constraint(
         h_BxTxF, ('activation_batch', 'activation_length', 'activation_mlp'))
     out_scale = 1.0 / (2 * cfg.executed_layers) ** 0.5
-    return dense(cfg.d_model,
-                 kernel_init=_dense_init(cfg, ('mlp', 'embed'), out_scale),
+    return dense(cfg.d_model, ('mlp', 'embed'), out_scale,
                  name='down')(h_BxTxF)
 
 
@@ -308,15 +394,20 @@ class Block(nn.Module):
   deterministic: bool = True
 
   def setup(self):
-    self.attn_norm = _rms_norm(self.cfg)
+    self.attn_norm = norm_layer(self.cfg)
     self.attn = Attention(self.cfg)
-    self.mlp_norm = _rms_norm(self.cfg)
+    self.mlp_norm = norm_layer(self.cfg)
     self.mlp = Mlp(self.cfg)
     self.drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
 
   def kv(self, x_BxTxD, positions_BxT):
     """The keys and values this layer would cache for input `x`."""
     return self.attn.kv(self._normed(self.attn_norm, x_BxTxD), positions_BxT)
+
+  def queries(self, x_BxTxD, positions_BxT):
+    """The queries this layer's attention computes for input `x`."""
+    return self.attn.queries(self._normed(self.attn_norm, x_BxTxD),
+                             positions_BxT)
 
   def _normed(self, norm, x_BxTxD):
     return norm(x_BxTxD).astype(DTYPES[self.cfg.dtype])
@@ -498,6 +589,15 @@ class CycledMiddle(nn.Module):
     return x_BxTxD, ys_CxBxTxD, a0_CxBxT, g_CxBxT
 
 
+def position_embed(cfg: ModelConfig) -> nn.Module:
+  """The learned absolute position table [max_seq_len, D] (`pos_embed`)."""
+  return nn.Embed(
+      cfg.max_seq_len, cfg.d_model, dtype=DTYPES[cfg.dtype],
+      param_dtype=DTYPES[cfg.param_dtype],
+      embedding_init=_dense_init(cfg, ('positions', 'embed')),
+      name='pos_embed')
+
+
 class Transformer(nn.Module):
   """Embedding, head layers, cycled middle, tail layers, exit heads."""
   cfg: ModelConfig
@@ -508,13 +608,19 @@ class Transformer(nn.Module):
     cfg = self.cfg
     b, t = tokens_BxT.shape
     if positions_BxT is None:
+      check(cfg.positions != 'learned' or t <= cfg.max_seq_len,
+            f'a sequence of {t} tokens is longer than the learned position '
+            f'table (model.max_seq_len={cfg.max_seq_len}); lower '
+            'data.seq_len')
       positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
     embed = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype],
         param_dtype=DTYPES[cfg.param_dtype],
         embedding_init=_dense_init(cfg, ('vocab', 'embed')), name='embed')
-    x_BxTxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(
-        embed(tokens_BxT))
+    x_BxTxD = embed(tokens_BxT)
+    if cfg.positions == 'learned':
+      x_BxTxD = x_BxTxD + position_embed(cfg)(positions_BxT)
+    x_BxTxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxTxD)
 
     x_BxTxD, _ = LayerStack(cfg, cfg.head_layers, deterministic, name='head')(
         x_BxTxD, None, positions_BxT)
@@ -528,7 +634,8 @@ class Transformer(nn.Module):
                else x_BxTxD)
     h_NxTxD, _ = LayerStack(cfg, cfg.tail_layers, deterministic, name='tail')(
         h_NxTxD, None, jnp.tile(positions_BxT, (c, 1)))
-    h_NxTxD = _rms_norm(cfg, 'final_norm')(h_NxTxD).astype(DTYPES[cfg.dtype])
+    h_NxTxD = norm_layer(cfg, 'final_norm')(h_NxTxD).astype(
+        DTYPES[cfg.dtype])
     if cfg.tie_embeddings:
       logits_NxTxV = embed.attend(h_NxTxD)
     else:
@@ -593,7 +700,8 @@ def flops_per_token(model_config, seq_len: int, training: bool = True
   """
   cfg = ModelConfig.from_config(model_config)
   d, hk, f = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim, cfg.resolved_d_ff
-  layer = 4 * d * hk + (3 if cfg.mlp == 'swiglu' else 2) * d * f
+  gk = cfg.resolved_kv_heads * cfg.resolved_head_dim
+  layer = 2 * d * hk + 2 * d * gk + (3 if cfg.mlp == 'swiglu' else 2) * d * f
   heads = cfg.cycles if cfg.exit_heads else 1
   layers = (cfg.head_layers + cfg.cycles * cfg.mid_layers
             + heads * cfg.tail_layers)

@@ -1,12 +1,27 @@
-"""The device mesh, logical-axis rules, and sharded initialisation.
+"""The device mesh, logical-axis rules, sharded shapes, and multi-host start.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning` in
 model.py); `config.sharding.rules` maps them to the mesh axes
 `('data', 'fsdp', 'tensor')`. Nothing else in the code names a mesh axis.
+
+The default rules (configlib.py) are FSDP + tensor parallelism:
+
+  batch rows      -> ('data', 'fsdp')   every device sees its own rows
+  embed (width D) -> 'fsdp'             every weight is split over fsdp and
+                                        gathered just in time for its matmul
+  heads, mlp, vocab -> 'tensor'         Megatron-style column/row splits of
+                                        attention, MLP and the (tied) LM head
+  kv, layers, cycles -> None            head dim and the scan axes stay whole
+
+A parameter dimension that a mesh axis does not divide (e.g. a 65-symbol
+char vocabulary on tensor=2) is replicated over that axis instead
+(`fit_spec`), so any config runs on any mesh; batches must divide
+`data * fsdp` (`check_batch`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -14,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from ztt_jax.errors import check
+from ztt_jax.errors import ConfigError, check
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -38,7 +53,12 @@ def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all).
+
+  `devices` may be another platform's, e.g. a TPU topology's for
+  ahead-of-time compilation (compile.py).
+  """
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
@@ -55,11 +75,156 @@ def logical_shardings(logical_specs: Any, mesh, axis_rules) -> Any:
   return nn.logical_to_mesh_sharding(logical_specs, mesh, axis_rules)
 
 
+def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
+  """`spec` without the mesh axes that do not divide their dimension.
+
+  Axes are dropped from the end of each dimension's tuple until the product
+  of the remaining sizes divides the dimension; a dropped axis means that
+  dimension is replicated over it.
+  """
+  dims = []
+  for i, dim in enumerate(shape):
+    axes = spec[i] if i < len(spec) else None
+    axes = () if axes is None else (
+        (axes,) if isinstance(axes, str) else tuple(axes))
+    while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+      axes = axes[:-1]
+    dims.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  while dims and dims[-1] is None:
+    dims.pop()
+  return P(*dims)
+
+
+def state_shardings(logical_specs: Any, abstract: Any, mesh,
+                    axis_rules) -> Any:
+  """NamedShardings for a tree of arrays (params, optimizer state).
+
+  Args:
+    logical_specs: logical PartitionSpecs, a tree matching `abstract`.
+    abstract: the arrays or `jax.ShapeDtypeStruct`s (for their shapes).
+    mesh: the device mesh.
+    axis_rules: logical axis -> mesh axes.
+
+  Returns:
+    A tree of NamedShardings; dimensions a mesh axis does not divide are
+    replicated over that axis (`fit_spec`).
+  """
+  mesh_specs = jax.tree.map(
+      lambda spec: nn.logical_to_mesh_axes(spec, axis_rules), logical_specs,
+      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+      lambda spec, a: NamedSharding(mesh, fit_spec(spec, a.shape, mesh)),
+      mesh_specs, abstract, is_leaf=lambda x: isinstance(x, P))
+
+
 def batch_sharding(mesh, axis_rules) -> NamedSharding:
   """[B, T] batches: rows split over the data-parallel axes."""
   return logical_shardings(P('activation_batch', 'activation_length'), mesh,
                            axis_rules)
 
 
+def batch_shards(mesh, axis_rules) -> int:
+  """How many ways `batch_sharding` splits the rows."""
+  axes = batch_sharding(mesh, axis_rules).spec[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def check_batch(batch_size: int, grad_accum_steps: int, mesh,
+                axis_rules) -> None:
+  """Raises ConfigError unless every micro-batch splits evenly over rows."""
+  shards = batch_shards(mesh, axis_rules)
+  micro = batch_size // max(grad_accum_steps, 1)
+  check(micro % shards == 0,
+        f'train.batch_size={batch_size} (micro-batch {micro} with '
+        f'train.grad_accum_steps={grad_accum_steps}) does not split over the '
+        f'{shards} data-parallel devices (mesh {dict(mesh.shape)}); use a '
+        f'batch size that is a multiple of {shards * grad_accum_steps}')
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# -------------------------------------------------------------- multi-host --
+
+
+def _managed_cluster() -> str | None:
+  """The cluster manager that `jax.distributed.initialize()` detects itself
+  (no arguments): a multi-process SLURM step, Open MPI, or a Cloud TPU VM."""
+  env = os.environ
+  if (all(k in env for k in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST',
+                             'SLURM_PROCID', 'SLURM_LOCALID'))
+      and int(env.get('SLURM_NTASKS', '1')) > 1):
+    return 'slurm'
+  if 'OMPI_MCA_orte_hnp_uri' in env:
+    return 'open-mpi'
+  if ('TPU_WORKER_HOSTNAMES' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env
+      or os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0')):
+    return 'cloud-tpu'
+  return None
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> str:
+  """Starts multi-process JAX when this process is one of several.
+
+  Call before anything touches a JAX device. Three cases:
+
+  * explicit: all of `coordinator_address` ('host:port' of process 0),
+    `num_processes` and `process_id` given (e.g. from ztt-train's flags or
+    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`);
+  * automatic: inside a Cloud TPU VM (every worker of a pod slice), a
+    multi-task SLURM step (srun) or Open MPI, with no arguments:
+    `jax.distributed.initialize()` reads the cluster;
+  * otherwise one process, nothing to do.
+
+  Returns:
+    How the processes were found: 'explicit', 'slurm', 'open-mpi',
+    'cloud-tpu', 'single' when nothing was started, or 'already' when the
+    caller had started it.
+
+  Raises:
+    ConfigError: a partial or inconsistent set of arguments, or a cluster
+      that does not tell who the other processes are.
+  """
+  if jax.distributed.is_initialized():
+    return 'already'
+  env = os.environ
+  coordinator_address = coordinator_address or env.get(
+      'JAX_COORDINATOR_ADDRESS') or None
+  if num_processes is None and env.get('JAX_NUM_PROCESSES'):
+    num_processes = int(env['JAX_NUM_PROCESSES'])
+  if process_id is None and env.get('JAX_PROCESS_ID'):
+    process_id = int(env['JAX_PROCESS_ID'])
+  given = {'--coordinator_address': coordinator_address,
+           '--num_processes': num_processes, '--process_id': process_id}
+  if any(v is not None for v in given.values()):
+    if num_processes == 1 and coordinator_address is None:
+      return 'single'
+    missing = [k for k, v in given.items() if v is None]
+    check(not missing, f'multi-process run: {", ".join(missing)} missing; '
+          'pass all of --coordinator_address=HOST:PORT (process 0), '
+          '--num_processes=N and --process_id=I (0..N-1), or none of them')
+    check(num_processes > 0 and 0 <= process_id < num_processes,
+          f'--process_id={process_id} is not in 0..{num_processes - 1} '
+          f'(--num_processes={num_processes}); number processes 0..N-1')
+    check(':' in coordinator_address,
+          f'--coordinator_address={coordinator_address!r} needs a port; '
+          'use HOST:PORT, e.g. 127.0.0.1:12355')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+    return 'explicit'
+  cluster = _managed_cluster()
+  if cluster is None:
+    return 'single'
+  try:
+    jax.distributed.initialize()
+  except ValueError as e:  # The cluster did not name the coordinator etc.
+    raise ConfigError(
+        f'this looks like a {cluster} job but JAX could not find the other '
+        f'processes ({str(e).strip().splitlines()[0]}); pass '
+        '--coordinator_address, --num_processes and --process_id') from None
+  return cluster

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -27,6 +29,7 @@ import numpy as np
 import optax
 
 from ztt_jax import checkpoint
+from ztt_jax import cli
 from ztt_jax import data
 from ztt_jax import evaluate
 from ztt_jax import generate
@@ -60,6 +63,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'train.grad_accum_steps={t.grad_accum_steps}; make it a multiple')
   check(isinstance(config.data.seq_len, int) and config.data.seq_len > 0,
         f'data.seq_len={config.data.seq_len!r} must be a positive integer')
+  policy = t.get('nan_policy', 'stop')
+  check(policy in ('stop', 'skip'),
+        f"train.nan_policy={policy!r} is not one of ('stop', 'skip')")
   for name in ('every_steps', 'keep'):
     value = config.checkpoint[name]
     check(isinstance(value, int) and value > 0,
@@ -94,8 +100,14 @@ def loss_fn(module, model_cfg: model_lib.ModelConfig, params, batch, rng,
 
 
 def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
-                    seed: int):
-  """The (unjitted) train step: grads, optional accumulation, AdamW."""
+                    seed: int, inject_nan_at_step: int = -1):
+  """The (unjitted) train step: grads, optional accumulation, AdamW.
+
+  A step whose loss or gradients are not finite leaves params and optimizer
+  state unchanged (only `step` advances) and reports `finite=False`; the
+  loop then stops or carries on per `train.nan_policy`.
+  `inject_nan_at_step` (tests only) poisons that step's loss and grads.
+  """
   deterministic = model_cfg.dropout == 0
   grad_fn = jax.value_and_grad(
       functools.partial(loss_fn, module, model_cfg, deterministic=deterministic),
@@ -121,30 +133,52 @@ def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
           accumulate, zeros, (jnp.arange(accum_steps), micro))
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
       loss, aux = jax.tree.map(lambda x: x.mean(0), (loss, aux))
+    if inject_nan_at_step >= 0:
+      poison = jnp.where(state.step + 1 == inject_nan_at_step, jnp.nan, 1.0)
+      loss = loss * poison
+      grads = jax.tree.map(lambda g: g * poison, grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
                'lr': schedule(state.step), **aux}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, keep(params, state.params),
+                      keep(opt_state, state.opt_state)), metrics
 
   return train_step
 
 
 class Setup:
-  """Everything the loop needs, built from a config: model, mesh, data."""
+  """Everything the loop needs, built from a config: model, mesh, data.
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  With `workdir=None` no data is read (ahead-of-time compilation, see
+  compile.py): `model.vocab_size` must then be set, and `devices` (default:
+  all) may be another platform's, e.g. a TPU topology's.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | None,
+               devices=None):
     check_config(config)
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules(config)
-    self.corpus = data.prepare(config.data, workdir)
+    sharding.check_batch(config.train.batch_size,
+                         config.train.grad_accum_steps, self.mesh, self.rules)
+    self.corpus = None if workdir is None else data.prepare(config.data,
+                                                            workdir)
     config = ml_collections.ConfigDict(config.to_dict())
-    vocab = self.corpus.tokenizer.vocab_size
-    if not config.model.vocab_size:
-      config.model.vocab_size = vocab
-    check(config.model.vocab_size >= vocab,
-          f'model.vocab_size={config.model.vocab_size} is smaller than the '
-          f'tokenizer vocabulary ({vocab}); set model.vocab_size=0')
+    if self.corpus is not None:
+      vocab = self.corpus.tokenizer.vocab_size
+      if not config.model.vocab_size:
+        config.model.vocab_size = vocab
+      check(config.model.vocab_size >= vocab,
+            f'model.vocab_size={config.model.vocab_size} is smaller than the '
+            f'tokenizer vocabulary ({vocab}); set model.vocab_size=0')
+    check(config.model.vocab_size > 0,
+          'model.vocab_size=0 means the tokenizer\'s size, which needs the '
+          'data; set --config.model.vocab_size (e.g. 32768)')
     self.config = config
     self.model_cfg = model_lib.ModelConfig.from_config(config.model)
     self.module = model_lib.Transformer(self.model_cfg)
@@ -168,7 +202,22 @@ class Setup:
         self.tx, lambda _, spec: spec, abstract.opt_state, param_specs,
         transform_non_params=lambda _: jax.sharding.PartitionSpec())
     specs = TrainState(jax.sharding.PartitionSpec(), param_specs, opt_specs)
-    return abstract, sharding.logical_shardings(specs, self.mesh, self.rules)
+    return abstract, sharding.state_shardings(specs, abstract, self.mesh,
+                                              self.rules)
+
+  def jit_train_step(self):
+    """The sharded train step under `jax.jit` (state donated), with the
+    abstract state and the state and batch shardings it takes."""
+    abstract, shardings = self.state_shardings()
+    batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    step_fn = jax.jit(
+        make_train_step(self.module, self.model_cfg, self.tx, self.schedule,
+                        self.config.train.grad_accum_steps, self.config.seed,
+                        self.config.train.get('inject_nan_at_step', -1)),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, sharding.replicated(self.mesh)),
+        donate_argnums=0)
+    return step_fn, abstract, shardings, batch_sharding
 
   @contextlib.contextmanager
   def context(self):
@@ -191,6 +240,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   had been interrupted there (the schedule still follows `train.steps`).
   """
   workdir = os.path.abspath(workdir)
+  check(not config.get('init_from')
+        or os.path.abspath(config.init_from) != workdir,
+        f'--workdir={workdir} is the init_from directory, whose checkpoint has '
+        'no optimizer state; fine-tune in a new --workdir')
+  _check_writable(workdir)
   setup = Setup(config, workdir)
   config, module, model_cfg = setup.config, setup.module, setup.model_cfg
   t = config.train
@@ -198,16 +252,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   writer = metrics_lib.MetricWriter(workdir, t.steps, enabled=is_main,
                                     stream=stream)
 
-  abstract, shardings = setup.state_shardings()
-  batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
-  step_fn = jax.jit(
-      make_train_step(module, model_cfg, setup.tx, setup.schedule,
-                      t.grad_accum_steps, config.seed),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, sharding.replicated(setup.mesh)),
-      donate_argnums=0)
+  step_fn, abstract, shardings, batch_sharding = setup.jit_train_step()
   eval_fn = jax.jit(functools.partial(evaluate.eval_outputs, module),
-                    in_shardings=(shardings.params, batch_sharding))
+                    in_shardings=(shardings.params, batch_sharding),
+                    out_shardings=sharding.replicated(setup.mesh))
 
   dataset = data.make_train_dataset(
       setup.corpus.train_N, config.data.seq_len, t.batch_size, config.seed,
@@ -225,13 +273,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
                f'{dict(setup.mesh.shape)}, {len(jax.devices())} device(s)')
 
   with setup.context():
-    latest = ckpt.latest_step()
+    latest, state = ckpt.latest_step(), None
     if latest is not None:
       _check_same_model(ckpt, latest, config)
       target = checkpoint.with_sharding(abstract, shardings)
-      state = ckpt.restore(latest, target, data_iter)
-      writer.print(f'resumed from {ckpt.directory}/{latest} (step {latest})')
-    else:
+      state, latest = ckpt.restore_latest_good(target, data_iter,
+                                               writer.print)
+      if state is None:  # Every checkpoint was unreadable: start afresh.
+        data_iter = data.make_train_iterator(dataset)
+      else:
+        writer.print(f'resumed from {ckpt.directory}/{latest} '
+                     f'(step {latest})')
+    if state is None and config.get('init_from'):
+      # Fine-tuning: params from a converted checkpoint, fresh optimizer.
+      from ztt_jax import convert  # pylint: disable=g-import-not-at-top
+      state = convert.init_state_from(config.init_from, setup, abstract,
+                                      shardings)
+      writer.print(f'initialised params from {config.init_from}')
+    elif state is None:
       # Initialised already sharded: no full copy on any one device.
       state = jax.jit(setup.init_state, out_shardings=shardings)(
           jax.random.key(config.seed))
@@ -264,33 +323,52 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
     start_step, last_log, t_last = step, step, time.perf_counter()
     last_eval = {}
     end = t.steps if stop_at is None else min(stop_at, t.steps)
-    while step < end:
-      batch = data.to_global_batch(next(data_iter), batch_sharding)
-      state, step_metrics = step_fn(state, batch)
-      step += 1
-      if step == start_step + 1:
-        jax.block_until_ready(state)
-        compile_s = time.perf_counter() - t_last
-        t_last, last_log = time.perf_counter(), step
-        writer.print(f'first step (compile + run) took {compile_s:.1f}s')
-      if step % config.checkpoint.every_steps == 0:
+    preempted = None
+    with _PreemptionSignals() as signals:
+      while step < end:
+        local_batch = next(data_iter)
+        batch = data.to_global_batch(local_batch, batch_sharding)
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        if not bool(jax.device_get(step_metrics['finite'])):
+          _on_nonfinite(t.get('nan_policy', 'stop'), step, state, local_batch,
+                        workdir, writer)
+        if step == start_step + 1:
+          jax.block_until_ready(state)
+          compile_s = time.perf_counter() - t_last
+          t_last, last_log = time.perf_counter(), step
+          writer.print(f'first step (compile + run) took {compile_s:.1f}s')
+        if step % config.checkpoint.every_steps == 0:
+          ckpt.save(step, state, data_iter, config, force=True)
+        do_eval = step == end or (t.eval_every_steps and
+                                  step % t.eval_every_steps == 0)
+        if step % t.log_every_steps == 0 or do_eval:
+          row = jax.device_get(step_metrics)
+          now = time.perf_counter()
+          if step > last_log:
+            tps = (step - last_log) * tokens_per_step / (now - t_last)
+            row['tokens_per_s'] = tps
+            row['mfu'] = flops * tps / (peak * len(jax.devices()))
+          if do_eval:
+            last_eval = run_eval(state.params)
+            row.update({k: v for k, v in last_eval.items()
+                        if not k.startswith('_')})
+          writer.console(step, writer.write(step, row))
+          t_last, last_log = time.perf_counter(), step
+        if signals.received or ckpt.manager.reached_preemption(step):
+          preempted = signals.received or 'a preemption notice'
+          break
+    if preempted:
+      if ckpt.latest_step() != step:
         ckpt.save(step, state, data_iter, config, force=True)
-      do_eval = step == end or (t.eval_every_steps and
-                                    step % t.eval_every_steps == 0)
-      if step % t.log_every_steps == 0 or do_eval:
-        row = jax.device_get(step_metrics)
-        now = time.perf_counter()
-        if step > last_log:
-          tps = (step - last_log) * tokens_per_step / (now - t_last)
-          row['tokens_per_s'] = tps
-          row['mfu'] = flops * tps / (peak * len(jax.devices()))
-        if do_eval:
-          last_eval = run_eval(state.params)
-          row.update({k: v for k, v in last_eval.items()
-                      if not k.startswith('_')})
-        writer.console(step, writer.write(step, row))
-        t_last, last_log = time.perf_counter(), step
-
+      ckpt.wait()
+      ckpt.close()
+      writer.print(f'stopped by {preempted} at step {step}: saved '
+                   f'{ckpt.directory}/{step}; run the same command to '
+                   'continue')
+      writer.close()
+      return {'step': step, 'preempted': preempted,
+              'checkpoint': f'{ckpt.directory}/{step}'}
     if ckpt.latest_step() != step:
       ckpt.save(step, state, data_iter, config, force=True)
     ckpt.wait()
@@ -307,8 +385,70 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   return summary
 
 
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient with `train.nan_policy='stop'`."""
+
+
+class _PreemptionSignals:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after every step,
+  so it can save a checkpoint and exit cleanly (see `EXIT_CODES`)."""
+
+  def __enter__(self):
+    self.received, self._old = None, {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+# Exit status of ztt-train after saving on a signal (128 + signal number).
+EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130, 'a preemption notice': 143}
+
+
+def _on_nonfinite(policy: str, step: int, state, local_batch, workdir: str,
+                  writer) -> None:
+  """`skip`: warn and go on (the step's update was not applied). `stop`:
+  save the state and the batch under WORKDIR/nonfinite/step_N (beside the
+  checkpoints, never over them) and raise TrainingDiverged."""
+  if policy == 'skip':
+    writer.print(f'warning: non-finite loss or gradients at step {step}: '
+                 'update skipped (train.nan_policy=skip)')
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  debug_dir = os.path.join(workdir, 'nonfinite', f'step_{step}')
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(os.path.join(debug_dir, 'state'), state, force=True)
+  if jax.process_index() == 0:
+    np.savez(os.path.join(debug_dir, 'batch.npz'), **local_batch)
+  raise TrainingDiverged(
+      f'non-finite loss or gradients at step {step}; the state before it and '
+      f'the batch are in {debug_dir}, the checkpoints are untouched; lower '
+      'train.lr or set train.nan_policy=skip')
+
+
+def _check_writable(workdir: str) -> None:
+  """The workdir (or its first existing parent) must be a writable dir."""
+  path = workdir
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  check(os.path.isdir(path) and os.access(path, os.W_OK),
+        f'--workdir={workdir}: {path} is not a writable directory; pick a '
+        'workdir you can write to')
+
+
 def _check_same_model(ckpt, step: int, config) -> None:
-  saved, _ = checkpoint.read_config(os.path.dirname(ckpt.directory), step)
+  try:
+    saved, _ = checkpoint.read_config(os.path.dirname(ckpt.directory), step)
+  except Exception:  # pylint: disable=broad-except
+    return  # Unreadable: restore_latest_good quarantines it.
   differ = sorted(k for k in config.model.keys()
                   if saved.model.get(k) != config.model[k]
                   and k not in ('remat_policy', 'scan_layers', 'dropout',
@@ -356,14 +496,21 @@ def _print_summary(writer, setup: Setup, params, last_eval, summary):
 
 def main(argv) -> None:
   del argv
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
-  config = flags.FLAGS.config
-  try:
-    train(config, flags.FLAGS.workdir)
-  except ConfigError as e:
-    print(f'ztt-train: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def start():
+    f = flags.FLAGS
+    sharding.maybe_initialize_distributed(f.coordinator_address,
+                                          f.num_processes, f.process_id)
+    try:
+      summary = train(f.config, f.workdir)
+    except TrainingDiverged as e:
+      print(f'ztt-train: error: {e}', file=sys.stderr)
+      sys.exit(1)
+    if summary.get('preempted'):
+      sys.exit(EXIT_CODES[summary['preempted']])
+
+  cli.run_main('ztt-train', start)
 
 
 def run() -> None:
@@ -373,8 +520,13 @@ def run() -> None:
   config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
+  # Multi-host: automatic on Cloud TPU, SLURM (srun) and Open MPI; else all 3.
+  flags.DEFINE_string('coordinator_address', None,
+                      'HOST:PORT of process 0, for multi-process runs.')
+  flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+  flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('ztt-train'))
 
 
 if __name__ == '__main__':

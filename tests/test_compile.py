@@ -1,0 +1,105 @@
+"""ztt-compile: the sharded train step compiled ahead of time, no arrays."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import budget
+from configs import tiny
+from ztt_jax import compile as compile_lib
+from ztt_jax.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+
+
+def test_parse_topology_and_hbm():
+  assert compile_lib.parse_topology('v5e:16x16') == ('v5e', (16, 16))
+  assert compile_lib.parse_topology('v5p:2x2x1') == ('v5p', (2, 2, 1))
+  gib = compile_lib.GIB
+  assert compile_lib.hbm_bytes_per_device('v5e', 4, 4) == 16 * gib
+  assert compile_lib.hbm_bytes_per_device('v5p', 8, 8) == 95 * gib
+  # v4 shows each of a chip's two TensorCores as a device.
+  assert compile_lib.hbm_bytes_per_device('v4', 4, 8) == 16 * gib
+  for bad in ('v5e', 'v9:2x2', 'v5e:2x', 'tpu:2x2', 'v5e:0x2'):
+    with pytest.raises(ConfigError, match='--topology') as e:
+      compile_lib.parse_topology(bad)
+    assert '\n' not in str(e.value)
+
+
+def test_without_libtpu_the_error_says_what_to_install(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'libtpu'
+                      else real(name, *a))
+  with pytest.raises(ConfigError, match=r'pip install -e "\.\[tpu\]"') as e:
+    compile_lib.compile_for_topology(budget.get_config('125m'), 'v5e:2x2')
+  assert '\n' not in str(e.value)
+
+
+def test_cli_bad_topology_is_one_line_exit_2():
+  result = subprocess.run(
+      [sys.executable, '-m', 'ztt_jax.compile',
+       f'--config={REPO}/configs/budget.py:125m', '--topology=v9:2x2'],
+      capture_output=True, text=True, cwd=REPO, timeout=120,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 2, result.stderr
+  errors = [l for l in result.stderr.splitlines() if 'error' in l.lower()]
+  assert len(errors) == 1 and '--topology' in errors[0], result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_out_of_hbm_message_is_parsed():
+  message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory '
+             'required for HLO temporaries (58.29G) exceeds available HBM '
+             '(15.75G).')
+  parsed = compile_lib._out_of_memory(message)
+  assert parsed['required_bytes'] == int(58.29 * compile_lib.GIB)
+  assert parsed['available_bytes'] == int(15.75 * compile_lib.GIB)
+  assert compile_lib._out_of_memory('INVALID_ARGUMENT: nope') is None
+
+
+def test_aot_compile_on_local_devices_reports_memory():
+  config = tiny.get_config('ztt')
+  config.model.vocab_size = 96
+  report = compile_lib.aot_compile(config, jax.devices()[:1],
+                                   hbm_bytes=1 << 30)
+  # Params + Adam's two moments, float32, all on the one device.
+  state_bytes = 3 * 4 * report['params']
+  assert state_bytes <= report['argument_bytes'] < state_bytes + (1 << 20)
+  assert report['per_device_bytes'] > report['argument_bytes']
+  assert report['fits'] is True and report['mesh'] == {
+      'data': 1, 'fsdp': 1, 'tensor': 1}
+  assert report['model_flops_per_device'] > 0
+  lines = compile_lib.format_report(report).splitlines()
+  assert json.loads(lines[-1]) == report
+  with pytest.raises(ConfigError, match='model.vocab_size'):
+    compile_lib.aot_compile(tiny.get_config('ztt'), jax.devices()[:1])
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed (pip '
+                    'install -e ".[tpu]"); it compiles for TPU topologies')
+def test_budget_125m_compiles_for_v5e_2x2():
+  # The 125M model and optimizer as configured, with shorter sequences and
+  # a smaller batch so the compile fits the test budget (the full 2048 x 256
+  # step is in the README table).
+  config = budget.get_config('125m,ztt')
+  config.data.seq_len = 128
+  config.train.batch_size = 4
+  report = compile_lib.compile_for_topology(config, 'v5e:2x2')
+  assert report['devices'] == 4 and report['device_kind'] == 'TPU v5 lite'
+  assert report['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert abs(report['params'] / 125e6 - 1) < 0.03
+  assert report['hbm_bytes'] == 16 * compile_lib.GIB
+  assert report['fits'] is True and 'compile_error' not in report
+  # FSDP: each device holds a quarter of params + Adam moments (float32).
+  assert report['argument_bytes'] < 12 * report['params'] / 4 * 1.1
+  assert report['compiled_flops_per_device'] > 0
+  last = json.loads(compile_lib.format_report(report).splitlines()[-1])
+  assert last['topology'] == 'v5e:2x2' and last['fits'] is True

@@ -1,0 +1,129 @@
+"""Two JAX processes on 127.0.0.1 (two CPU devices each) train as one run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import ztt_jax
+from configs import tiny
+from ztt_jax import data
+from ztt_jax import model
+from ztt_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 4
+
+# What each process runs: ztt-train's real entry point, with the metric
+# writer enabled on every process (process i > 0 writes
+# WORKDIR/process_i/metrics.jsonl), so each one reports the losses it saw.
+_DRIVER = r'''
+import os
+import jax
+from ztt_jax import metrics, train
+
+class EveryProcessWriter(metrics.MetricWriter):
+  def __init__(self, workdir, total_steps, enabled=True, stream=None):
+    index = jax.process_index()
+    if index:
+      workdir = os.path.join(workdir, f'process_{index}')
+      os.makedirs(workdir, exist_ok=True)
+    super().__init__(workdir, total_steps, True, stream)
+
+train.metrics_lib.MetricWriter = EveryProcessWriter
+train.run()
+'''
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory) -> str:
+  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  text = ''.join((stdlib / name).read_text(encoding='utf-8')
+                 for name in ('textwrap.py', 'shlex.py', 'fnmatch.py'))
+  path = tmp_path_factory.mktemp('corpus') / 'stdlib.txt'
+  path.write_text(text, encoding='utf-8')
+  return str(path)
+
+
+def settings(corpus: str) -> dict[str, object]:
+  return {'data.path': corpus, 'data.seq_len': 16, 'train.steps': STEPS,
+          'train.batch_size': 8, 'train.log_every_steps': 1,
+          'train.eval_every_steps': 0, 'train.eval_batches': 1,
+          'train.peak_flops': 1e12, 'checkpoint.every_steps': STEPS,
+          'checkpoint.async_save': False, 'sample.max_new_tokens': 0}
+
+
+def losses(path) -> list[float]:
+  with open(path, encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  return [r['loss'] for r in rows]
+
+
+def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  driver = tmp_path / 'driver.py'
+  driver.write_text(_DRIVER, encoding='utf-8')
+  overrides = [f'--config.{k}={v}' for k, v in settings(corpus).items()]
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'PYTHON': sys.executable,
+         'ZTT_CACHE_DIR': str(tmp_path / 'cache'),
+         'JAX_COMPILATION_CACHE_DIR': os.path.join(
+             tempfile.gettempdir(), f'ztt_jax_test_xla_cache_{os.getuid()}')}
+  env.pop('XLA_FLAGS', None)
+  # mesh data=2 x fsdp=2 over the 4 devices of both processes: every
+  # parameter is split across the two processes.
+  result = subprocess.run(
+      ['bash', str(REPO / 'launch' / 'multiprocess_cpu.sh'),
+       f'--program={sys.executable} {driver}',
+       f'--config={REPO}/configs/tiny.py', f'--workdir={workdir}',
+       '--config.mesh.data=2', '--config.mesh.fsdp=2', *overrides],
+      capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}, 4 device(s)" in (
+      result.stdout), result.stdout[-3000:]
+  assert '[process 0] ' in result.stdout and '[process 1] ' in result.stdout
+
+  # Both processes saw the same global losses.
+  loss_0 = losses(workdir / 'metrics.jsonl')
+  loss_1 = losses(workdir / 'process_1' / 'metrics.jsonl')
+  assert len(loss_0) == STEPS and loss_0 == loss_1
+
+  # ... which are the losses of one process on one device: the two local
+  # halves of each batch make up the single-process batch. (The train step
+  # of train.train, without its eval and checkpoints.)
+  config = tiny.get_config('ztt')
+  for dotted, value in settings(corpus).items():
+    section, name = dotted.split('.')
+    config[section][name] = value
+  setup = train.Setup(config, str(tmp_path / 'single'),
+                      devices=jax.devices()[:1])
+  step_fn, _, shardings, batch_sharding = setup.jit_train_step()
+  dataset = data.make_train_dataset(setup.corpus.train_N, 16, 8, config.seed)
+  single_losses = []
+  with setup.context():
+    state = jax.jit(setup.init_state, out_shardings=shardings)(
+        jax.random.key(config.seed))
+    for step in range(STEPS):
+      state, metrics = step_fn(
+          state, data.to_global_batch(dataset[step], batch_sharding))
+      single_losses.append(float(metrics['loss']))
+  np.testing.assert_allclose(loss_0, single_losses, rtol=1e-4)
+
+  # The checkpoint both processes wrote restores in this one process, and
+  # holds the parameters the single process reached.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == [str(STEPS)]
+  module, params, saved = ztt_jax.load(workdir)
+  assert saved.train.steps == STEPS and saved.mesh.fsdp == 2
+  assert jax.tree.leaves(params)[0].sharding.is_fully_addressable
+  single_params = jax.device_get(state.params)
+  assert model.count_params(params) == model.count_params(single_params)
+  chex.assert_trees_all_close(params, single_params, rtol=1e-3, atol=1e-5)
+  out = module.apply({'params': params}, np.zeros((1, 4), np.int32))
+  assert np.isfinite(out.logits).all()

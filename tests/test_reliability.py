@@ -1,0 +1,151 @@
+"""Failure behaviour: kill -9, SIGTERM, corrupt checkpoints, NaN, bad flags."""
+
+import io
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import ztt_jax
+from configs import tiny
+from ztt_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'scripts'))
+import crash_loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+  monkeypatch.setenv('ZTT_CACHE_DIR', str(tmp_path / 'cache'))
+  return crash_loop.write_corpus(tmp_path / 'corpus.txt')
+
+
+def config_for(corpus, **train_overrides):
+  config = tiny.get_config('ztt')
+  config.data.path = corpus
+  config.sample.max_new_tokens = 0
+  config.checkpoint.update(every_steps=3, async_save=False)
+  config.train.update(log_every_steps=1, eval_every_steps=0,
+                      **train_overrides)
+  return config
+
+
+def losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return {r['step']: r['loss'] for r in rows}
+
+
+def subprocess_env(tmp_path):
+  return {**os.environ, 'ZTT_CACHE_DIR': str(tmp_path / 'cache'),
+          'JAX_PLATFORMS': 'cpu',
+          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache'),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
+
+
+@pytest.mark.slow
+def test_random_kill_9_then_resume_is_exact(tmp_path):
+  assert crash_loop.main(['--trials=3', '--kills=1', '--steps=15',
+                          f'--root={tmp_path}']) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_the_next_start_continues(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  cmd = crash_loop.train_command(str(workdir), corpus, 100_000)
+  env = subprocess_env(tmp_path)
+
+  def start_and_term(wait_for):
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not wait_for():
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+  metrics = workdir / 'metrics.jsonl'
+  code, out, err = start_and_term(
+      lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5)
+  assert code == 143, err
+  step = int(out.split('stopped by SIGTERM at step ')[1].split(':')[0])
+  assert str(step) in os.listdir(workdir / 'checkpoints')
+  rows_before = len(metrics.read_text().splitlines())
+  code, out, err = start_and_term(
+      lambda: len(metrics.read_text().splitlines()) > rows_before + 2)
+  assert code == 143, err
+  assert f'resumed from {workdir}/checkpoints/{step} (step {step})' in out
+  first_new = json.loads(metrics.read_text().splitlines()[rows_before])
+  assert first_new['step'] == step + 1
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, corpus):
+  config = config_for(corpus, steps=9)
+  train.train(config, str(tmp_path / 'straight'))
+  workdir = tmp_path / 'run'
+  train.train(config, str(workdir), stop_at=6)
+  files = [p for p in (workdir / 'checkpoints' / '6' / 'params').rglob('*')
+           if p.is_file()]
+  victim = max(files, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
+  stream = io.StringIO()
+  train.train(config, str(workdir), stream=stream)
+  log = stream.getvalue()
+  assert 'warning: checkpoint 6 is unreadable' in log
+  assert 'resumed from' in log and '(step 3)' in log
+  kept = os.listdir(workdir / 'checkpoints_corrupt')
+  assert len(kept) == 1 and kept[0].startswith('6-')
+  straight, resumed = losses(tmp_path / 'straight'), losses(workdir)
+  assert [resumed[s] for s in range(4, 10)] == [straight[s]
+                                                for s in range(4, 10)]
+
+
+def test_nan_stops_naming_the_step_and_keeps_checkpoints(tmp_path, corpus):
+  config = config_for(corpus, steps=8, inject_nan_at_step=5)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.TrainingDiverged, match='step 5') as e:
+    train.train(config, str(workdir))
+  assert '\n' not in str(e.value)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
+  debug = workdir / 'nonfinite' / 'step_5'
+  assert (debug / 'state').is_dir()
+  batch = np.load(debug / 'batch.npz')
+  assert batch['inputs'].shape == (config.train.batch_size,
+                                   config.data.seq_len)
+  # The good checkpoint still loads.
+  _, params, _ = ztt_jax.load(workdir)
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_nan_skip_policy_drops_the_update_and_goes_on(tmp_path, corpus):
+  config = config_for(corpus, steps=8, inject_nan_at_step=5,
+                      nan_policy='skip')
+  stream = io.StringIO()
+  train.train(config, str(tmp_path / 'run'), stream=stream)
+  assert 'non-finite loss or gradients at step 5: update skipped' in (
+      stream.getvalue())
+  loss = losses(tmp_path / 'run')
+  assert np.isnan(loss[5]) and np.isfinite(loss[8])
+  _, params, _ = ztt_jax.load(tmp_path / 'run')
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_mistyped_override_is_one_line_exit_2(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'ztt_jax.train', f'--config={REPO}/configs/tiny.py',
+       f'--workdir={tmp_path}/run', '--config.train.stepz=3'],
+      capture_output=True, text=True, timeout=120, env=subprocess_env(tmp_path))
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'stepz' in lines[0] and 'steps' in lines[0], (
+      result.stderr)
+  assert not (tmp_path / 'run').exists()
