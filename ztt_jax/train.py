@@ -12,6 +12,7 @@ a resumed run takes exactly the steps an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -449,14 +450,19 @@ def _check_same_model(ckpt, step: int, config) -> None:
     saved, _ = checkpoint.read_config(os.path.dirname(ckpt.directory), step)
   except Exception:  # pylint: disable=broad-except
     return  # Unreadable: restore_latest_good quarantines it.
+  # Fields added after a checkpoint was written take their defaults.
+  defaults = {f.name: f.default
+              for f in dataclasses.fields(model_lib.ModelConfig)}
+  saved_model = {**defaults, **saved.model.to_dict()}
   differ = sorted(k for k in config.model.keys()
-                  if saved.model.get(k) != config.model[k]
+                  if saved_model.get(k) != config.model[k]
                   and k not in ('remat_policy', 'scan_layers', 'dropout',
                                 'dtype'))
+  changes = ', '.join(f'{k}: {saved_model.get(k)!r} -> {config.model[k]!r}'
+                      for k in differ)
   check(not differ,
         f'the checkpoint in {ckpt.directory} was trained with different model '
-        f'settings ({", ".join(f"{k}: {saved.model.get(k)!r} -> {config.model[k]!r}" for k in differ)}); '
-        'use a new --workdir or the same config')
+        f'settings ({changes}); use a new --workdir or the same config')
 
 
 def _print_summary(writer, setup: Setup, params, last_eval, summary):
