@@ -19,6 +19,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+  """compile.py names this host a TPU worker for libtpu (os.environ): keep
+  that out of later tests in the same process, whose subprocesses would
+  otherwise look like Cloud TPU workers."""
+  saved = dict(os.environ)
+  yield
+  os.environ.clear()
+  os.environ.update(saved)
+
+
 def test_parse_topology_and_hbm():
   assert compile_lib.parse_topology('v5e:16x16') == ('v5e', (16, 16))
   assert compile_lib.parse_topology('v5p:2x2x1') == ('v5p', (2, 2, 1))

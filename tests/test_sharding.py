@@ -36,6 +36,7 @@ def run(mesh, devices, corpus, workdir, init=None):
   config.data.path = corpus
   config.data.seq_len = 16
   config.train.batch_size = 16
+  config.model.vocab_size = 159  # Odd: tensor=2 cannot split it.
   config.mesh.update(dict(zip(('data', 'fsdp', 'tensor'), mesh)))
   setup = train.Setup(config, workdir, devices=devices)
   step_fn, _, shardings, batch_sharding = setup.jit_train_step()
@@ -120,12 +121,11 @@ def test_meshes_train_like_one_device_with_sharded_state(tmp_path, corpus):
     assert mlp['spec'] == [None, 'fsdp', 'tensor'], (kind, mlp)
     layers, d, f = mlp['shape']
     assert mlp['shard'] == [layers, d // 2, f // 2], (kind, mlp)
-  # The char vocabulary of this corpus is odd: not divisible by tensor=2,
-  # so that dimension is replicated instead, and D is still split on fsdp.
+  # The embedding [159, D]: tensor=2 does not divide the vocabulary, so that
+  # dimension is replicated instead; D is still split over fsdp.
   embed = specs['param_embed']
-  vocab = embed['shape'][0]
-  assert embed['spec'] == ([None, 'fsdp'] if vocab % 2 else
-                           ['tensor', 'fsdp']), embed
+  assert embed['shape'][0] == 159 and embed['spec'] == [None, 'fsdp'], embed
+  assert embed['shard'] == [159, embed['shape'][1] // 2], embed
   assert specs['mu_embed']['spec'] == embed['spec']
 
 
