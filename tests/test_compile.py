@@ -66,6 +66,18 @@ def test_cli_bad_topology_is_one_line_exit_2():
   assert 'Traceback' not in result.stderr
 
 
+def test_libtpu_settings_do_not_leak(monkeypatch):
+  monkeypatch.setattr(compile_lib.glob, 'glob', lambda pattern: [])
+  monkeypatch.delenv('TPU_WORKER_HOSTNAMES', raising=False)
+  monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', 'mine')
+  with compile_lib._libtpu_without_tpus():
+    assert os.environ['TPU_WORKER_HOSTNAMES'] == 'localhost'
+    assert os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] == 'mine'
+  # Child processes (ztt-train) must not think they are on a TPU pod.
+  assert 'TPU_WORKER_HOSTNAMES' not in os.environ
+  assert os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] == 'mine'
+
+
 def test_out_of_hbm_message_is_parsed():
   message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory '
              'required for HLO temporaries (58.29G) exceeds available HBM '
@@ -99,18 +111,28 @@ def test_aot_compile_on_local_devices_reports_memory():
 def test_budget_125m_compiles_for_v5e_2x2():
   # The 125M model and optimizer as configured, with shorter sequences and
   # a smaller batch so the compile fits the test budget (the full 2048 x 256
-  # step is in the README table).
-  config = budget.get_config('125m,ztt')
-  config.data.seq_len = 128
-  config.train.batch_size = 4
-  report = compile_lib.compile_for_topology(config, 'v5e:2x2')
+  # step is in the README table). A fresh process, as a user runs it (and
+  # away from this session's persistent compilation cache).
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('TPU_', 'JAX_COMPILATION_CACHE'))}
+  result = subprocess.run(
+      [sys.executable, '-m', 'ztt_jax.compile',
+       f'--config={REPO}/configs/budget.py:125m,ztt', '--topology=v5e:2x2',
+       '--config.data.seq_len=128', '--config.train.batch_size=4'],
+      capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not [l for l in result.stderr.splitlines() if 'rror' in l], (
+      result.stderr[-3000:])
+  lines = result.stdout.splitlines()
+  assert 'fits' in lines[-3] and 'GiB' in lines[-3], lines
+  report = json.loads(lines[-1])
+  assert report['topology'] == 'v5e:2x2' and report['chips'] == 4
   assert report['devices'] == 4 and report['device_kind'] == 'TPU v5 lite'
   assert report['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
   assert abs(report['params'] / 125e6 - 1) < 0.03
   assert report['hbm_bytes'] == 16 * compile_lib.GIB
   assert report['fits'] is True and 'compile_error' not in report
+  assert 0 < report['per_device_bytes'] < report['hbm_bytes']
   # FSDP: each device holds a quarter of params + Adam moments (float32).
   assert report['argument_bytes'] < 12 * report['params'] / 4 * 1.1
   assert report['compiled_flops_per_device'] > 0
-  last = json.loads(compile_lib.format_report(report).splitlines()[-1])
-  assert last['topology'] == 'v5e:2x2' and last['fits'] is True

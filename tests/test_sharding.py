@@ -196,7 +196,7 @@ def test_no_cluster_means_one_process(monkeypatch):
     if var.startswith(('SLURM_', 'OMPI_', 'TPU_', 'MEGASCALE_', 'JAX_COORD',
                        'JAX_NUM_PROC', 'JAX_PROCESS')):
       monkeypatch.delenv(var)
-  monkeypatch.setattr(os.path, 'exists', lambda p: False)
+  monkeypatch.setattr(sharding.glob, 'glob', lambda pattern: [])
   assert sharding.maybe_initialize_distributed() == 'single'
   assert sharding.maybe_initialize_distributed(None, 1, None) == 'single'
   monkeypatch.setenv('SLURM_JOB_ID', '7')
@@ -213,7 +213,8 @@ def test_cluster_without_coordinator_is_a_one_line_error(monkeypatch):
   for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
               'JAX_PROCESS_ID'):
     monkeypatch.delenv(var, raising=False)
-  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1')
+  monkeypatch.setattr(sharding.glob, 'glob', lambda pattern: (
+      ['/dev/vfio/0'] if pattern == '/dev/vfio/[0-9]*' else []))
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
 
   def initialize():

@@ -20,6 +20,7 @@ devices); any config field can be overridden as in ztt-train.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
@@ -62,19 +63,33 @@ def hbm_bytes_per_device(generation: str, n_chips: int,
   return HBM_GIB_PER_CHIP[generation] * GIB // per_chip
 
 
-def _libtpu_without_tpus() -> None:
-  """Settings for libtpu on a host with no TPU (left alone on a TPU VM).
+@contextlib.contextmanager
+def _libtpu_without_tpus():
+  """Settings for starting libtpu on a host with no TPU (none on a TPU VM).
 
   libtpu looks for TPU workers at start-up and logs errors when there are
   none: name this host as the only worker. It also takes a lock file that
   lets one process per host use it, which only matters for real chips: let
-  several compiles run side by side.
+  several compiles run side by side. The environment is restored after
+  (libtpu reads it once, when it starts).
   """
-  if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'):
+  if glob.glob('/dev/accel[0-9]*') or glob.glob('/dev/vfio/[0-9]*'):
+    yield
     return
-  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-4')
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  settings = {'TPU_WORKER_HOSTNAMES': 'localhost',
+              'TPU_ACCELERATOR_TYPE': 'v5litepod-4',
+              'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}
+  saved = {k: os.environ.get(k) for k in settings}
+  for k, v in settings.items():
+    os.environ.setdefault(k, v)
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
 
 
 def topology_devices(name: str) -> list[Any]:
@@ -83,11 +98,11 @@ def topology_devices(name: str) -> list[Any]:
   check(importlib.util.find_spec('libtpu') is not None,
         f'ztt-compile --topology={name} needs libtpu (the TPU compiler), '
         f'which is not installed; run {_INSTALL_TPU}')
-  _libtpu_without_tpus()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
-    topology = topologies.get_topology_desc(platform='tpu',
-                                            topology_name=name)
+    with _libtpu_without_tpus():
+      topology = topologies.get_topology_desc(platform='tpu',
+                                              topology_name=name)
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     raise ConfigError(f'--topology={name}: libtpu refused it ({first}); '

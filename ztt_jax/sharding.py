@@ -21,6 +21,7 @@ char vocabulary on tensor=2) is replicated over that axis instead
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
@@ -159,8 +160,9 @@ def _managed_cluster() -> str | None:
     return 'slurm'
   if 'OMPI_MCA_orte_hnp_uri' in env:
     return 'open-mpi'
-  if ('TPU_WORKER_HOSTNAMES' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env
-      or os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0')):
+  # TPU chips on this host (v4/v5p: /dev/accel*, v5e/v6e: /dev/vfio/N), as
+  # jax itself decides it runs on a Cloud TPU VM.
+  if glob.glob('/dev/accel[0-9]*') or glob.glob('/dev/vfio/[0-9]*'):
     return 'cloud-tpu'
   return None
 
