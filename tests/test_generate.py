@@ -71,14 +71,17 @@ GPT2_STYLE = dict(positions='learned', max_seq_len=T + 2, norm='layernorm',
                   mlp='gelu')
 LLAMA_STYLE = dict(n_kv_heads=2, tie_embeddings=False, norm_eps=1e-5,
                    rope_theta=500_000.0)
+PROJECTED = dict(zero_key='projected', n_kv_heads=2)
 
 
 @pytest.mark.parametrize('variant, overrides', [
     *[(v, {}) for v in model.VARIANTS],
     ('ztt', GPT2_STYLE), ('vanilla', GPT2_STYLE),
     ('ztt', LLAMA_STYLE), ('head_tail_cycle', LLAMA_STYLE),
+    ('ztt', PROJECTED),
 ], ids=lambda x: x if isinstance(x, str) else (
-    'gpt2_style' if x is GPT2_STYLE else 'llama_style' if x else 'native'))
+    'gpt2_style' if x is GPT2_STYLE else 'llama_style' if x is LLAMA_STYLE
+    else 'projected_zero_key' if x else 'native'))
 def test_forward_and_cached_decoding_match_the_model(variant, overrides):
   cfg, params = make(variant, **overrides)
   if cfg.n_kv_heads:

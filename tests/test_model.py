@@ -58,6 +58,8 @@ ALL_SETTINGS = (
     [dict(variant=v) for v in model.VARIANTS]
     + [dict(variant='ztt', zero_pool=p, gate=g)
        for p in model.ZERO_POOLS for g in model.GATES]
+    + [dict(variant='ztt', zero_pool=p, zero_key='projected')
+       for p in ('cycle_layer', 'layer')]
     + [dict(variant='basic_cycle', exit_loss='uniform'),
        dict(variant='head_tail_cycle', exit_loss='last')])
 
@@ -221,6 +223,30 @@ def test_every_zero_key_gets_a_gradient(pool, exit_loss):
   assert np.all(per_key > 0), per_key
 
 
+@pytest.mark.parametrize('n_kv_heads', [0, 2])
+def test_projected_zero_key_is_key_space_key_of_projected_token(n_kv_heads):
+  """zero_key='projected' equals a key-space pool holding W_k e0 per layer."""
+  proj = make_cfg('ztt', zero_key='projected', n_kv_heads=n_kv_heads)
+  _, params, out = init_apply(proj)
+  e0_CxLxD = params['mid']['zero_keys']
+  chex.assert_shape(e0_CxLxD, (proj.cycles, proj.mid_layers, proj.d_model))
+  key = params['mid']['cycle']['stack']['layers']['attn']['key']['kernel']
+  k0_CxLxGxK = jnp.einsum('cld,ldgk->clgk', e0_CxLxD, key)
+  groups = proj.n_heads // proj.resolved_kv_heads
+  keyed = dict(params, mid=dict(params['mid'], zero_keys=jnp.repeat(
+      k0_CxLxGxK, groups, axis=2)))
+  ref = apply(dataclasses.replace(proj, zero_key='key_space'), keyed,
+              tokens())
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-5)
+  np.testing.assert_allclose(out.zero_attention, ref.zero_attention,
+                             atol=1e-6)
+  # The projected token's key moves with W_k: a gradient reaches both.
+  module = model.build(proj)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(
+      module.apply({'params': p}, tokens()).zero_attention)))(params)
+  assert np.all(np.abs(np.asarray(grads['mid']['zero_keys'])).sum(-1) > 0)
+
+
 def test_dropout_is_random_only_when_not_deterministic():
   cfg = make_cfg('ztt', dropout=0.5)
   module = model.build(cfg)
@@ -270,6 +296,7 @@ def test_flops_per_token_counts_cycles():
     (dict(variant='deep'), 'model.variant'),
     (dict(zero_pool='everywhere'), 'model.zero_pool'),
     (dict(gate='always'), 'model.gate'),
+    (dict(zero_key='value_space'), 'model.zero_key'),
     (dict(n_cycles=0), 'model.n_cycles'),
     (dict(n_heads=3), 'model.n_heads'),
     (dict(variant='head_tail_cycle', zero_pool='cycle'), 'model.zero_pool'),

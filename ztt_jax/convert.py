@@ -579,6 +579,9 @@ def convert(hf_dir: str, workdir: str, variant: str = 'ztt',
     htc_logits = np.asarray(jax.jit(model_lib.build(htc_cfg).apply)(
         {'params': params}, tokens_BxT).logits)
   if cfg.zero_pool != 'none':
+    check(cfg.zero_key == 'key_space', "ztt-convert builds the zero keys in "
+          f"key space; got model.zero_key={cfg.zero_key!r}: set "
+          "--config.model.zero_key=key_space")
     shape = _pool_shape(cfg)
     if zero_init == 'suppress':
       q, lse = _middle_statistics(cfg, params, tokens_BxT)

@@ -35,6 +35,7 @@ from ztt_jax.errors import check
 
 VARIANTS = ('vanilla', 'basic_cycle', 'head_tail_cycle', 'ztt')
 ZERO_POOLS = ('none', 'cycle_layer', 'cycle', 'layer')
+ZERO_KEYS = ('key_space', 'projected')
 GATES = ('none', 'scalar', 'token')
 EXIT_LOSSES = ('none', 'last', 'uniform', 'linear')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
@@ -72,6 +73,10 @@ class ModelConfig:
   n_tail_layers: int = 1
   n_cycles: int = 2
   zero_pool: str = 'cycle_layer'
+  # key_space: the pool holds keys [.., H, K] used as they are (DESIGN.md).
+  # projected: the pool holds zero-token vectors [.., D], keyed by each
+  # layer's own key projection (an ablation of that reading).
+  zero_key: str = 'key_space'
   gate: str = 'token'
   exit_loss: str = 'linear'
   mlp: str = 'swiglu'
@@ -129,6 +134,7 @@ class ModelConfig:
                  'n_kv_heads', 'max_seq_len'):
       nonneg(name)
     for name, allowed in (('zero_pool', ZERO_POOLS), ('gate', GATES),
+                          ('zero_key', ZERO_KEYS),
                           ('exit_loss', EXIT_LOSSES),
                           ('remat_policy', REMAT_POLICIES),
                           ('mlp', ('swiglu', 'gelu')),
@@ -332,7 +338,18 @@ class Attention(nn.Module):
     return (self._rotary(self.key(x_BxTxD), positions_BxT),
             self.value(x_BxTxD))
 
-  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT, cache=None):
+  def zero_key(self, zero_token):
+    """The zero token's key per head [H, K]: the pool entry itself
+    (`zero_key='key_space'`), or this layer's key projection of the pool's
+    zero-token vector [D] (`projected`; no rotary: it has no position)."""
+    if zero_token is None or self.cfg.zero_key == 'key_space':
+      return zero_token
+    key_GxK = self.key(zero_token[None, None].astype(
+        DTYPES[self.cfg.dtype]))[0, 0]
+    return jnp.repeat(key_GxK, self.cfg.n_heads // key_GxK.shape[0], axis=0)
+
+  def __call__(self, x_BxTxD, zero_token, positions_BxT, cache=None):
+    zero_key_HxK = self.zero_key(zero_token)
     q_BxTxHxK = self.queries(x_BxTxD, positions_BxT)
     k_BxTxGxK, v_BxTxGxK = self.kv(x_BxTxD, positions_BxT)
     if cache is None:
@@ -513,15 +530,24 @@ class Cycle(nn.Module):
 
 
 def expand_pool(cfg: ModelConfig, pool):
-  """The stored Zero-Token Pool broadcast to [C, L, H, K] (None stays None)."""
+  """The stored Zero-Token Pool broadcast to [C, L, H, K] ([C, L, D] when
+  projected; None stays None)."""
   if pool is None:
     return None
   if cfg.zero_pool == 'cycle':
     pool = pool[:, None]
   elif cfg.zero_pool == 'layer':
     pool = pool[None]
-  return jnp.broadcast_to(pool, (cfg.cycles, cfg.mid_layers, cfg.n_heads,
-                                 cfg.resolved_head_dim))
+  return jnp.broadcast_to(pool, (cfg.cycles, cfg.mid_layers)
+                          + zero_slot_shape(cfg))
+
+
+def zero_slot_shape(cfg: ModelConfig) -> tuple[int, ...]:
+  """One pool entry: a key [H, K], or a zero-token vector [D] when
+  `zero_key='projected'`."""
+  if cfg.zero_key == 'projected':
+    return (cfg.d_model,)
+  return (cfg.n_heads, cfg.resolved_head_dim)
 
 
 class CycledMiddle(nn.Module):
@@ -536,20 +562,21 @@ class CycledMiddle(nn.Module):
   def zero_key_pool(self):
     """The pool broadcast to [C, L, H, K] (None without zero tokens)."""
     cfg = self.cfg
-    c, l = cfg.cycles, cfg.mid_layers
-    h, k = cfg.n_heads, cfg.resolved_head_dim
-    shape, axes = {
-        'cycle_layer': ((c, l, h, k), ('cycles', 'layers', 'heads', 'kv')),
-        'cycle': ((c, h, k), ('cycles', 'heads', 'kv')),
-        'layer': ((l, h, k), ('layers', 'heads', 'kv')),
-        'none': (None, None),
-    }[cfg.zero_pool]
-    if shape is None:
+    if cfg.zero_pool == 'none':
       return None
+    lead, lead_axes = {
+        'cycle_layer': ((cfg.cycles, cfg.mid_layers), ('cycles', 'layers')),
+        'cycle': ((cfg.cycles,), ('cycles',)),
+        'layer': ((cfg.mid_layers,), ('layers',)),
+    }[cfg.zero_pool]
+    # A projected zero token starts at the scale of a normed hidden state.
+    projected = cfg.zero_key == 'projected'
+    slot_axes = ('embed',) if projected else ('heads', 'kv')
+    std = 1.0 if projected else cfg.zero_key_init_std
     return expand_pool(cfg, self.param(
         'zero_keys', nn.with_logical_partitioning(
-            nn.initializers.normal(cfg.zero_key_init_std), axes),
-        shape, DTYPES[cfg.param_dtype]))
+            nn.initializers.normal(std), lead_axes + slot_axes),
+        lead + zero_slot_shape(cfg), DTYPES[cfg.param_dtype]))
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT):
@@ -706,9 +733,12 @@ def flops_per_token(model_config, seq_len: int, training: bool = True
   layers = (cfg.head_layers + cfg.cycles * cfg.mid_layers
             + heads * cfg.tail_layers)
   zero = 1 if cfg.zero_pool != 'none' else 0
+  # The zero key's logit and (projected) its key: per layer and cycle.
+  zero_cost = 4 * hk + (2 * d * gk / seq_len
+                        if cfg.zero_key == 'projected' else 0)
   fwd = (2 * layer * layers + 2 * d * cfg.vocab_size * heads
-         + 4 * hk * seq_len * layers + 4 * hk * zero * cfg.cycles
-         * cfg.mid_layers)
+         + 4 * hk * seq_len * layers
+         + zero * zero_cost * cfg.cycles * cfg.mid_layers)
   return float(3 * fwd if training else fwd)
 
 

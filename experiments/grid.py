@@ -1,0 +1,94 @@
+"""The runs behind docs/RESULTS.md: names, config overrides, seeds.
+
+Every run starts from `configs/shakespeare_char.py` (nanoGPT's
+shakespeare_char CPU budget: char tokens, context 64, batch 12, 2000 steps,
+128 wide, 1 head + 2 middle + 1 tail distinct layers) and changes only what
+its name says. `schedule()` gives the order `run_all.py` trains them: the main grid at
+both seeds first, then the ablations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+CONFIG = 'configs/shakespeare_char.py'
+# Half nanoGPT's token budget (1000 steps of 12 x 64 tokens), so that the
+# grid trains in one sitting on 2 cores: ZTT C=4 takes about 9 minutes on one
+# core, BC C=4 about 14.
+STEPS = 1000
+STEP_FLAGS = ('--config.train.warmup_steps=50',
+              '--config.train.log_every_steps=50',
+              '--config.train.eval_every_steps=250',
+              '--config.checkpoint.every_steps=250',
+              '--config.sample.max_new_tokens=100')
+EVAL_BATCHES = 40  # Of 12 windows: the early-exit sweep's validation set.
+# Runs whose first seed gets the ztt-eval early-exit sweep.
+EARLY_EXIT_RUNS = ('ztt_c4', 'ztt_c2')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  group: str  # 'main' (the equal-budget grid) or 'ablation'.
+  label: str  # What the tables call it.
+  overrides: tuple[tuple[str, object], ...]
+
+  def flags(self, seed: int) -> list[str]:
+    return [f'--config.{k}={v}' for k, v in self.overrides] + [
+        f'--config.seed={seed}']
+
+
+def _run(name, group, label, variant, cycles=None, **model):
+  overrides = [('model.variant', variant)]
+  if cycles is not None:
+    overrides.append(('model.n_cycles', cycles))
+  overrides += [(f'model.{k}', v) for k, v in model.items()]
+  return Run(name, group, label, tuple(overrides))
+
+
+MAIN = [
+    _run('vanilla', 'main', 'vanilla, 1+2+1 layers', 'vanilla'),
+    _run('bc_c2', 'main', 'BC, 4 layers x 2', 'basic_cycle', 2),
+    _run('htc_c2', 'main', 'HTC, 1 + 2x2 + 1', 'head_tail_cycle', 2),
+    _run('ztt_c2', 'main', 'ZTT, 1 + 2x2 + 1', 'ztt', 2),
+    _run('bc_c4', 'main', 'BC, 4 layers x 4', 'basic_cycle', 4),
+    _run('htc_c4', 'main', 'HTC, 1 + 2x4 + 1', 'head_tail_cycle', 4),
+    _run('ztt_c4', 'main', 'ZTT, 1 + 2x4 + 1', 'ztt', 4),
+    # Equal compute: as many distinct layers as HTC/ZTT run per token.
+    _run('vanilla_6', 'main', 'vanilla, 1+4+1 layers (compute of C=2)',
+         'vanilla', n_mid_layers=4),
+    _run('vanilla_10', 'main', 'vanilla, 1+8+1 layers (compute of C=4)',
+         'vanilla', n_mid_layers=8),
+]
+
+# DESIGN.md's readings, each switched alone on ZTT C=4 (default:
+# zero_pool=cycle_layer, exit_loss=linear, gate=token, zero_key=key_space).
+ABLATIONS = [
+    _run('abl_pool_cycle', 'ablation', 'pool indexed by cycle', 'ztt', 4,
+         zero_pool='cycle'),
+    _run('abl_pool_layer', 'ablation', 'pool indexed by layer', 'ztt', 4,
+         zero_pool='layer'),
+    _run('abl_exit_uniform', 'ablation', 'exit loss weights uniform', 'ztt',
+         4, exit_loss='uniform'),
+    _run('abl_exit_last', 'ablation', 'exit loss on the last cycle only',
+         'ztt', 4, exit_loss='last'),
+    _run('abl_gate_none', 'ablation', 'no gate', 'ztt', 4, gate='none'),
+    _run('abl_gate_scalar', 'ablation', 'scalar gate per cycle', 'ztt', 4,
+         gate='scalar'),
+    _run('abl_key_projected', 'ablation', 'zero key through W_k', 'ztt', 4,
+         zero_key='projected'),
+]
+
+SEEDS = (0, 1)
+
+
+def schedule(seeds=SEEDS, names=None):
+  """(run, seed) pairs in training order: the main grid at every seed, then
+  the ablations at every seed."""
+  keep = lambda runs: [r for r in runs if names is None or r.name in names]
+  return ([(r, s) for s in seeds for r in keep(MAIN)] +
+          [(r, s) for s in seeds for r in keep(ABLATIONS)])
+
+
+def by_name(name: str) -> Run:
+  return {r.name: r for r in MAIN + ABLATIONS}[name]

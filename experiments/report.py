@@ -1,0 +1,347 @@
+"""Builds docs/RESULTS.md and docs/results/*.png from the experiment runs.
+
+    python experiments/run_all.py --report_only
+
+Reads each run's `metrics.jsonl`, its saved config (distinct params and
+FLOPs per token are computed from it, not copied) and, for the early-exit
+runs, `eval/early_exit.json` written by `ztt-eval`. Tables give the mean
+final validation loss over the seeds found, the spread (max - min) and every
+seed's value; a run with no finished seed is listed as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'notes.md')
+
+
+def read_rows(path: str) -> list[dict]:
+  try:
+    with open(os.path.join(path, 'metrics.jsonl'), encoding='utf-8') as f:
+      return [json.loads(line) for line in f if line.strip()]
+  except OSError:
+    return []
+
+
+def final_eval(rows: list[dict], steps: int) -> dict | None:
+  """The eval row of the last step (the last one written, after resumes)."""
+  evals = [r for r in rows if r.get('step') == steps and 'val_loss' in r]
+  return evals[-1] if evals else None
+
+
+def model_numbers(path: str, seq_len: int = 64) -> dict:
+  """Distinct params, layers run per token and train FLOPs per token."""
+  from ztt_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from ztt_jax import model  # pylint: disable=g-import-not-at-top
+  config, _ = checkpoint.read_config(path)
+  cfg = model.ModelConfig.from_config(config.model)
+  return dict(
+      params=model.count_params(model.abstract_params(model.build(cfg))),
+      layers=cfg.executed_layers,
+      flops=model.flops_per_token(cfg, config.data.get('seq_len', seq_len)))
+
+
+def collect(out: str, steps: int) -> dict:
+  """name -> {'seeds': {seed: final eval row}, 'rows': {seed: rows}, ...}."""
+  results = {}
+  for run in grid.MAIN + grid.ABLATIONS:
+    entry = {'run': run, 'seeds': {}, 'rows': {}}
+    for seed in grid.SEEDS:
+      path = os.path.join(out, run.name, f'seed{seed}')
+      rows = read_rows(path)
+      last = final_eval(rows, steps)
+      if last is not None:
+        entry['seeds'][seed] = last
+        entry['rows'][seed] = rows
+        entry.setdefault('model', model_numbers(path))
+    results[run.name] = entry
+  return results
+
+
+def loss_summary(entry: dict, key: str = 'val_loss') -> dict | None:
+  values = [row[key] for _, row in sorted(entry['seeds'].items())]
+  if not values:
+    return None
+  return dict(mean=statistics.fmean(values), spread=max(values) - min(values),
+              values=values)
+
+
+def _fmt_loss(s: dict | None) -> tuple[str, str, str]:
+  if s is None:
+    return 'missing', '', ''
+  return (f'{s["mean"]:.4f}', f'{s["spread"]:.4f}' if len(s['values']) > 1
+          else 'n/a (1 seed)', ', '.join(f'{v:.4f}' for v in s['values']))
+
+
+def main_table(results: dict) -> str:
+  lines = ['| run | distinct params | layers run per token | train FLOPs per '
+           'token | val loss (mean) | spread | per seed |',
+           '|---|---|---|---|---|---|---|']
+  for run in grid.MAIN:
+    entry = results[run.name]
+    m = entry.get('model')
+    mean, spread, seeds = _fmt_loss(loss_summary(entry))
+    lines.append(
+        f'| `{run.name}`: {run.label} | '
+        f'{m["params"]:,} | {m["layers"]} | {m["flops"] / 1e6:.2f} M | '
+        if m else f'| `{run.name}`: {run.label} | | | | ')
+    lines[-1] += f'{mean} | {spread} | {seeds} |'
+  return '\n'.join(lines)
+
+
+def ablation_table(results: dict) -> str:
+  base = loss_summary(results['ztt_c4'])
+  lines = ['| run | change from ZTT C=4 | val loss (mean) | minus ZTT C=4 | '
+           'spread | per seed |', '|---|---|---|---|---|---|']
+  rows = [('ztt_c4', 'none (the default readings)')] + [
+      (r.name, r.label) for r in grid.ABLATIONS]
+  for name, label in rows:
+    s = loss_summary(results[name])
+    mean, spread, seeds = _fmt_loss(s)
+    delta = (f'{s["mean"] - base["mean"]:+.4f}' if s and base else '')
+    lines.append(f'| `{name}` | {label} | {mean} | {delta} | {spread} | '
+                 f'{seeds} |')
+  return '\n'.join(lines)
+
+
+def comparisons(results: dict) -> str:
+  """Differences of mean val loss, each against the larger seed spread."""
+  pairs = []
+  for c in (2, 4):
+    eq = {2: 'vanilla_6', 4: 'vanilla_10'}[c]
+    pairs += [(f'ztt_c{c}', f'htc_c{c}'), (f'ztt_c{c}', f'bc_c{c}'),
+              (f'htc_c{c}', f'bc_c{c}'), (f'htc_c{c}', 'vanilla'),
+              (f'ztt_c{c}', 'vanilla'), (f'ztt_c{c}', eq)]
+  lines = ['| A | B | A - B | larger seed spread | verdict |',
+           '|---|---|---|---|---|']
+  for a, b in pairs:
+    sa, sb = loss_summary(results[a]), loss_summary(results[b])
+    if sa is None or sb is None:
+      lines.append(f'| `{a}` | `{b}` | missing | | |')
+      continue
+    delta = sa['mean'] - sb['mean']
+    spread = max(sa['spread'], sb['spread'])
+    if min(len(sa['values']), len(sb['values'])) < 2:
+      verdict = 'one seed: no spread to judge by'
+    elif abs(delta) <= spread:
+      verdict = 'within the seed spread'
+    else:
+      verdict = f'{"A" if delta < 0 else "B"} better, beyond the spread'
+    lines.append(f'| `{a}` | `{b}` | {delta:+.4f} | {spread:.4f} | '
+                 f'{verdict} |')
+  return '\n'.join(lines)
+
+
+def exit_head_table(results: dict) -> str:
+  lines = ['| run | val loss after cycle 1, 2, ... (seed 0) | gate per cycle '
+           'at the end | zero-token mass per cycle at the end |',
+           '|---|---|---|---|']
+  for name in ['ztt_c2', 'ztt_c4'] + [r.name for r in grid.ABLATIONS]:
+    entry = results[name]
+    if 0 not in entry['seeds']:
+      continue
+    ev = entry['seeds'][0]
+    train_rows = [r for r in entry['rows'][0] if 'gate' in r or
+                  'zero_attention' in r]
+    last = train_rows[-1] if train_rows else {}
+    fmt = lambda xs: ', '.join(f'{x:.3f}' for x in xs) if xs else 'n/a'
+    lines.append(f'| `{name}` | {fmt(ev.get("val_loss_cycle"))} | '
+                 f'{fmt(last.get("gate"))} | '
+                 f'{fmt(last.get("zero_attention"))} |')
+  return '\n'.join(lines)
+
+
+def early_exit_section(out: str) -> tuple[str, list[tuple[str, list]]]:
+  from ztt_jax import evaluate  # pylint: disable=g-import-not-at-top
+  parts, curves = [], []
+  for name in grid.EARLY_EXIT_RUNS:
+    path = os.path.join(out, name, f'seed{grid.SEEDS[0]}', 'eval',
+                        'early_exit.json')
+    if not os.path.exists(path):
+      parts.append(f'`{name}`: no `eval/early_exit.json` yet.')
+      continue
+    with open(path, encoding='utf-8') as f:
+      rows = json.load(f)
+    curves.append((name, rows))
+    parts.append(f'`{name}` (seed {grid.SEEDS[0]}, {grid.EVAL_BATCHES} '
+                 f'validation batches of 12 x 64):\n\n'
+                 + evaluate.format_table(rows))
+  return '\n\n'.join(parts), curves
+
+
+# ------------------------------------------------------------------ plots --
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _mean_curve(entry: dict, key: str):
+  """Steps and per-step mean / min / max of `key` over the seeds."""
+  per_seed = []
+  for rows in entry['rows'].values():
+    per_seed.append({r['step']: r[key] for r in rows if key in r})
+  steps = sorted(set.intersection(*(set(d) for d in per_seed)))
+  vals = [[d[s] for d in per_seed] for s in steps]
+  return (steps, [statistics.fmean(v) for v in vals], [min(v) for v in vals],
+          [max(v) for v in vals])
+
+
+def plot_curves(results: dict, path: str) -> None:
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+  for run in grid.MAIN:
+    entry = results[run.name]
+    if not entry['rows']:
+      continue
+    for ax, key in zip(axes, ('loss', 'val_loss')):
+      steps, mean, lo, hi = _mean_curve(entry, key)
+      style = '-' if run.name.startswith(('ztt', 'vanilla')) else '--'
+      (line,) = ax.plot(steps, mean, style, label=run.name, lw=1.2)
+      ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+  axes[0].set_title('training loss (logged every 50 steps)', fontsize=9)
+  axes[1].set_title('validation loss (mean over seeds, band: min-max)',
+                    fontsize=9)
+  axes[0].set_ylim(1.5, 2.6)
+  axes[1].set_ylim(1.7, 2.6)
+  for ax in axes:
+    ax.set_xlabel('step')
+  axes[1].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_dynamics(results: dict, path: str) -> None:
+  """Zero-token mass and gate per cycle over training (paper Fig. 2b)."""
+  plt = _pyplot()
+  names = [n for n in ('ztt_c2', 'ztt_c4') if 0 in results[n]['rows']]
+  if not names:
+    return
+  fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.2 * len(names)),
+                           dpi=110, squeeze=False)
+  for row, name in zip(axes, names):
+    rows = [r for r in results[name]['rows'][0] if 'gate' in r]
+    steps = [r['step'] for r in rows]
+    for ax, key in zip(row, ('zero_attention', 'gate')):
+      for c in range(len(rows[0][key])):
+        ax.plot(steps, [r[key][c] for r in rows], label=f'cycle {c + 1}')
+      ax.set_title(f'{name} seed 0: {key.replace("_", " ")} per cycle',
+                   fontsize=9)
+      ax.set_xlabel('step')
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_early_exit(curves, path: str) -> None:
+  plt = _pyplot()
+  if not curves:
+    return
+  fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8),
+                           dpi=110, squeeze=False)
+  for ax, (name, rows) in zip(axes[0], curves):
+    fixed = [r for r in rows if r['criterion'] == 'fixed']
+    dynamic = [r for r in rows if r['criterion'] != 'fixed']
+    ax.plot([r['mean_cycles'] for r in fixed], [r['val_loss'] for r in fixed],
+            'o-', label='fixed depth (exit head k)')
+    if dynamic:
+      ax.plot([r['mean_cycles'] for r in dynamic],
+              [r['val_loss'] for r in dynamic], 's--',
+              label=f'early exit on {dynamic[0]["criterion"]}')
+    ax.set_title(f'{name}: loss against mean cycles run', fontsize=9)
+    ax.set_xlabel('mean cycles per sequence')
+    ax.set_ylabel('validation loss')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------- report --
+
+
+def write_report(out: str, steps: int, docs: str, command: str) -> str:
+  results = collect(out, steps)
+  fig_dir = os.path.join(docs, 'results')
+  os.makedirs(fig_dir, exist_ok=True)
+  plot_curves(results, os.path.join(fig_dir, 'curves.png'))
+  plot_dynamics(results, os.path.join(fig_dir, 'zero_attention_gate.png'))
+  exit_text, curves = early_exit_section(out)
+  plot_early_exit(curves, os.path.join(fig_dir, 'early_exit.png'))
+  n_done = sum(len(e['seeds']) for e in results.values())
+  n_all = len(grid.schedule())
+  notes = ''
+  if os.path.exists(NOTES):
+    with open(NOTES, encoding='utf-8') as f:
+      notes = f.read().strip()
+  text = f"""# Results: ZTT against its baselines on tinyshakespeare
+
+Generated by `{command}` (`experiments/report.py`; {n_done} of {n_all}
+runs found). Every number and plot below is read from the runs' own
+`metrics.jsonl`, saved configs and `ztt-eval` output; rerunning the command
+trains whatever is missing and rewrites this file.
+
+**Setup.** tinyshakespeare, character tokens (65), nanoGPT's 90/10 split.
+Every run is `{grid.CONFIG}` (128 wide, 4 heads, SwiGLU, rotary, RMSNorm,
+no dropout) trained for {steps} steps of 12 sequences x 64 tokens
+({steps * 12 * 64 / 1e6:.2f}M tokens, half nanoGPT's CPU budget, so the grid
+fits one sitting on 2 cores), AdamW, lr 1e-3, warmup 50, cosine to 1e-4.
+Distinct layers: 1 head + 2 middle + 1 tail (BC cycles all 4). Validation
+loss: 20 fixed batches of 12 x 64 from the validation split, after the last
+step. Seeds {', '.join(map(str, grid.SEEDS))} change both the init and the
+data order. Training FLOPs per token count every executed layer, exit
+heads included (`model.flops_per_token`).
+
+## Equal distinct-parameter budget, and equal compute
+
+{main_table(results)}
+
+Differences of the means (negative: A has the lower loss):
+
+{comparisons(results)}
+
+![training curves](results/curves.png)
+
+## Exit heads, gates and zero-token mass
+
+Validation loss of each exit head (the tail, final norm and LM head applied
+after cycle k), and the last logged training-batch gate value and mass on
+the zero token, per cycle:
+
+{exit_head_table(results)}
+
+![zero-token mass and gate per cycle](results/zero_attention_gate.png)
+
+## Early exit (`ztt-eval`)
+
+Per sequence: stop cycling once the mean zero-token mass of the last cycle
+passes a threshold (thresholds at quantiles of the statistic), against
+stopping every sequence after a fixed number of cycles.
+
+{exit_text}
+
+![early exit against fixed depth](results/early_exit.png)
+
+## Ablations of DESIGN.md's readings (ZTT, C=4)
+
+{ablation_table(results)}
+"""
+  if notes:
+    text += '\n' + notes + '\n'
+  path = os.path.join(docs, 'RESULTS.md')
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+  print(f'wrote {path} and {fig_dir}/*.png')
+  return path

@@ -1,0 +1,141 @@
+"""Trains every run in `grid.py` that is not finished, then writes the report.
+
+    python experiments/run_all.py --data=../shared/data/tinyshakespeare.txt
+
+One command regenerates docs/RESULTS.md and docs/results/*.png. Runs land in
+`--out` (default runs/experiments/NAME/seedS, with NAME.seedS.log beside);
+a finished run (its metrics hold the final eval) is skipped, an unfinished
+one resumes from its last checkpoint, so the command can be stopped and
+started again. `--jobs=2` trains two runs at a time, each pinned to one core
+(on this 2-core machine that is about 1.3x the throughput of one run on both
+cores); compiled programs are shared through a JAX compilation cache in
+`--out`. `--report_only` rebuilds the report from what is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def workdir(out: str, name: str, seed: int) -> str:
+  return os.path.join(out, name, f'seed{seed}')
+
+
+def finished(path: str, steps: int) -> bool:
+  """Whether the run's metrics hold the eval of its last step."""
+  try:
+    with open(os.path.join(path, 'metrics.jsonl'), encoding='utf-8') as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  except (OSError, ValueError):
+    return False
+  return any(r.get('step') == steps and 'val_loss' in r for r in rows)
+
+
+def train_command(run: grid.Run, seed: int, path: str, data: str,
+                  steps: int) -> list[str]:
+  return [os.path.join(os.path.dirname(sys.executable), 'ztt-train'),
+          f'--config={grid.CONFIG}', f'--workdir={path}',
+          f'--config.data.path={data}', f'--config.train.steps={steps}',
+          *grid.STEP_FLAGS, *run.flags(seed)]
+
+
+def eval_command(path: str) -> list[str]:
+  return [os.path.join(os.path.dirname(sys.executable), 'ztt-eval'),
+          f'--workdir={path}', f'--batches={grid.EVAL_BATCHES}']
+
+
+def _worker(core, jobs: queue.Queue, env: dict, failures: list) -> None:
+  pin = ['taskset', '-c', str(core)] if core is not None else []
+  while True:
+    try:
+      label, cmd, log = jobs.get_nowait()
+    except queue.Empty:
+      return
+    start = time.time()
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, 'a', encoding='utf-8') as f:
+      rc = subprocess.call(pin + cmd, stdout=f, stderr=subprocess.STDOUT,
+                           cwd=REPO, env=env)
+    status = 'ok' if rc == 0 else f'FAILED (exit {rc}, see {log})'
+    print(f'[{time.strftime("%H:%M:%S")}] {label}: {status} '
+          f'in {time.time() - start:.0f}s', flush=True)
+    if rc:
+      failures.append(label)
+
+
+def run_jobs(todo, n_jobs: int, env: dict) -> list:
+  jobs = queue.Queue()
+  for item in todo:
+    jobs.put(item)
+  failures = []
+  cores = [None] if n_jobs == 1 else list(range(n_jobs))
+  threads = [threading.Thread(target=_worker, args=(c, jobs, env, failures))
+             for c in cores]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return failures
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--data', default='../shared/data/tinyshakespeare.txt')
+  p.add_argument('--out', default='runs/experiments')
+  p.add_argument('--steps', type=int, default=grid.STEPS)
+  p.add_argument('--seeds', default=','.join(map(str, grid.SEEDS)))
+  p.add_argument('--only', default='', help='Comma-separated run names.')
+  p.add_argument('--jobs', type=int, default=2)
+  p.add_argument('--report_only', action='store_true')
+  args = p.parse_args()
+  out = os.path.abspath(args.out)
+  data = os.path.abspath(args.data)
+  if not os.path.isfile(data):
+    sys.exit(f'run_all.py: error: --data={args.data}: no such file; pass the '
+             'tinyshakespeare text, e.g. ../shared/data/tinyshakespeare.txt')
+  seeds = [int(s) for s in args.seeds.split(',') if s]
+  names = set(args.only.split(',')) if args.only else None
+  if not args.report_only:
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(
+        out, 'jax_cache'), PYTHONUNBUFFERED='1')
+    todo = []
+    for run, seed in grid.schedule(seeds, names):
+      path = workdir(out, run.name, seed)
+      if not finished(path, args.steps):
+        todo.append((f'{run.name} seed {seed}',
+                     train_command(run, seed, path, data, args.steps),
+                     path + '.log'))
+    print(f'{len(todo)} run(s) to train, {args.jobs} at a time', flush=True)
+    failures = run_jobs(todo, args.jobs, env)
+    evals = []
+    for name in grid.EARLY_EXIT_RUNS:
+      path = workdir(out, name, seeds[0])
+      if (finished(path, args.steps)
+          and not os.path.exists(os.path.join(path, 'eval',
+                                              'early_exit.json'))):
+        evals.append((f'ztt-eval {name}', eval_command(path),
+                      path + '.eval.log'))
+    failures += run_jobs(evals, 1, env)
+    if failures:
+      print(f'failed: {", ".join(failures)}', flush=True)
+  import report  # pylint: disable=g-import-not-at-top
+  report.write_report(out, args.steps, os.path.join(REPO, 'docs'),
+                      command=' '.join(['python experiments/run_all.py'] +
+                                       sys.argv[1:]))
+
+
+if __name__ == '__main__':
+  main()
