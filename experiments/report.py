@@ -53,7 +53,7 @@ def collect(out: str, steps: int) -> dict:
   results = {}
   for run in grid.MAIN + grid.ABLATIONS:
     entry = {'run': run, 'seeds': {}, 'rows': {}}
-    for seed in grid.SEEDS:
+    for seed in sorted(set(grid.SEEDS) | set(grid.ABLATION_SEEDS)):
       path = os.path.join(out, run.name, f'seed{seed}')
       rows = read_rows(path)
       last = final_eval(rows, steps)
@@ -97,10 +97,10 @@ def main_table(results: dict) -> str:
 
 
 def ablation_table(results: dict) -> str:
-  base = loss_summary(results['ztt_c4'])
-  lines = ['| run | change from ZTT C=4 | val loss (mean) | minus ZTT C=4 | '
+  base = loss_summary(results[grid.ABLATION_BASE])
+  lines = ['| run | change from ZTT C=2 | val loss (mean) | minus ZTT C=2 | '
            'spread | per seed |', '|---|---|---|---|---|---|']
-  rows = [('ztt_c4', 'none (the default readings)')] + [
+  rows = [(grid.ABLATION_BASE, 'none (the default readings)')] + [
       (r.name, r.label) for r in grid.ABLATIONS]
   for name, label in rows:
     s = loss_summary(results[name])
@@ -334,7 +334,7 @@ stopping every sequence after a fixed number of cycles.
 
 ![early exit against fixed depth](results/early_exit.png)
 
-## Ablations of DESIGN.md's readings (ZTT, C=4)
+## Ablations of DESIGN.md's readings (ZTT, C=2)
 
 {ablation_table(results)}
 """

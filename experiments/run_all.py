@@ -96,6 +96,8 @@ def main() -> None:
   p.add_argument('--out', default='runs/experiments')
   p.add_argument('--steps', type=int, default=grid.STEPS)
   p.add_argument('--seeds', default=','.join(map(str, grid.SEEDS)))
+  p.add_argument('--ablation_seeds',
+                 default=','.join(map(str, grid.ABLATION_SEEDS)))
   p.add_argument('--only', default='', help='Comma-separated run names.')
   p.add_argument('--jobs', type=int, default=2)
   p.add_argument('--report_only', action='store_true')
@@ -106,13 +108,14 @@ def main() -> None:
     sys.exit(f'run_all.py: error: --data={args.data}: no such file; pass the '
              'tinyshakespeare text, e.g. ../shared/data/tinyshakespeare.txt')
   seeds = [int(s) for s in args.seeds.split(',') if s]
+  ablation_seeds = [int(s) for s in args.ablation_seeds.split(',') if s]
   names = set(args.only.split(',')) if args.only else None
   if not args.report_only:
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(
         out, 'jax_cache'), PYTHONUNBUFFERED='1')
     todo = []
-    for run, seed in grid.schedule(seeds, names):
+    for run, seed in grid.schedule(seeds, names, ablation_seeds):
       path = workdir(out, run.name, seed)
       if not finished(path, args.steps):
         todo.append((f'{run.name} seed {seed}',

@@ -22,3 +22,35 @@ def test_bench_numbers_are_consistent():
   assert r['compile_s'] > 0 and r['temp_size_in_bytes'] > 0
   assert r['params'] == model.count_params(
       model.abstract_params(model.build(cfg)))
+
+
+def test_compare_reports_ratios_and_targets():
+  config = tiny.get_config('ztt')
+  r = bench.compare(config, steps=2, warmup=1, baseline='head_tail_cycle',
+                    compile_cycles=(1, 3))
+  base = r['baseline']
+  assert base['config'] == 'head_tail_cycle'
+  assert base['matmul_peak_flops_per_s'] == r['matmul_peak_flops_per_s']
+  assert r['step_ratio_vs_baseline'] == pytest.approx(
+      r['step_s_median'] / base['step_s_median'])
+  # Without exit heads ZTT counts fewer FLOPs; with them, more than HTC.
+  bare = r['ztt_without_exit_heads']
+  assert bare['flops_per_token'] < r['flops_per_token']
+  assert base['flops_per_token'] < bare['flops_per_token']
+  assert set(r['compile_s_by_cycles']) == {'1', '3'}
+  assert r['compile_ratio'] == pytest.approx(
+      r['compile_s_by_cycles']['3'] / r['compile_s_by_cycles']['1'])
+  targets = r['targets']
+  assert targets['mfu']['met'] == (r['mfu'] >= bench.MFU_TARGET)
+  assert targets['compile_3_over_1_cycles']['value'] == r['compile_ratio']
+  assert set(targets) == {
+      'mfu', 'ztt_over_head_tail_cycle_step_time',
+      'ztt_without_exit_heads_over_head_tail_cycle_step_time',
+      'compile_3_over_1_cycles'}
+
+
+def test_bad_compile_cycles_is_a_config_error():
+  from ztt_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match='compile_cycles'):
+    bench._cycles('8')  # pylint: disable=protected-access
+  assert bench._cycles('2,8') == (2, 8)  # pylint: disable=protected-access

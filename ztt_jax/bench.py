@@ -2,6 +2,15 @@
 
     ztt-bench --config=configs/shakespeare_char.py:ztt
     ztt-bench --config=configs/shakespeare_char.py:head_tail_cycle --steps=30
+    ztt-bench --config=configs/shakespeare_char.py:ztt \
+        --baseline=head_tail_cycle --compile_cycles=2,8
+
+With `--baseline` the same config is also measured as that variant, and as
+ZTT without exit heads (`exit_loss=none`: the zero tokens and gate alone),
+and the step-time ratios are printed; with `--compile_cycles` the train step
+is also compiled at each cycle count and the compile-time ratio (largest
+count over smallest) is printed. `targets` holds the issue's targets with
+the measured value and whether it is met.
 
 Prints one JSON object. The step runs on random tokens of the config's
 shape (no data is read), after warm-up; the time is the median of `--steps`
@@ -28,8 +37,13 @@ from ztt_jax.errors import check
 
 
 def bench(config: ml_collections.ConfigDict, steps: int = 20,
-          warmup: int = 3) -> dict:
-  """Measures one config's train step; returns the numbers as a dict."""
+          warmup: int = 3, peak: float | None = None,
+          compile_only: bool = False) -> dict:
+  """Measures one config's train step; returns the numbers as a dict.
+
+  `peak` (FLOP/s per device) skips measuring the matmul peak again;
+  `compile_only` stops after lowering and compiling.
+  """
   check(steps > 0 and warmup >= 0,
         f'--steps={steps} must be > 0 and --warmup={warmup} >= 0')
   config = ml_collections.ConfigDict(config.to_dict())
@@ -51,6 +65,9 @@ def bench(config: ml_collections.ConfigDict, steps: int = 20,
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
+    if compile_only:
+      return {'n_cycles': setup.model_cfg.cycles, 'trace_lower_s': t1 - t0,
+              'compile_s': t2 - t1}
     state = jax.jit(setup.init_state, out_shardings=shardings)(
         jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (b, t + 1), 0,
@@ -68,8 +85,9 @@ def bench(config: ml_collections.ConfigDict, steps: int = 20,
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   flops_per_token = model_lib.flops_per_token(setup.model_cfg, t)
-  peak = metrics.measure_matmul_peak(
-      dtype=model_lib.DTYPES[setup.model_cfg.dtype])
+  if peak is None:
+    peak = metrics.measure_matmul_peak(
+        dtype=model_lib.DTYPES[setup.model_cfg.dtype])
   n_devices = len(setup.mesh.devices.flat)
   memory = compiled.memory_analysis()
   result = {
@@ -94,13 +112,80 @@ def bench(config: ml_collections.ConfigDict, steps: int = 20,
   return result
 
 
+def _variant(config: ml_collections.ConfigDict, **model) -> (
+    ml_collections.ConfigDict):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(model)
+  return config
+
+
+# The issue's targets for this 2-core CPU (shakespeare config).
+MFU_TARGET = 0.5
+ZTT_OVER_HTC_TARGET = 1.05
+COMPILE_RATIO_TARGET = 1.3
+
+
+def compare(config: ml_collections.ConfigDict, steps: int = 20,
+            warmup: int = 3, baseline: str = '',
+            compile_cycles: tuple[int, ...] = ()) -> dict:
+  """`bench` of `config`, plus the baseline and compile-time comparisons."""
+  result = bench(config, steps, warmup)
+  peak = result['matmul_peak_flops_per_s']
+  targets = {'mfu': dict(value=result['mfu'], target=f'>= {MFU_TARGET}',
+                         met=result['mfu'] >= MFU_TARGET)}
+  if baseline:
+    check(baseline in model_lib.VARIANTS, f'--baseline={baseline!r} is not '
+          f'one of {model_lib.VARIANTS}')
+    base = bench(_variant(config, variant=baseline, zero_pool='auto',
+                          gate='auto', exit_loss='auto'), steps, warmup, peak)
+    result['baseline'] = base
+    ratio = result['step_s_median'] / base['step_s_median']
+    result['step_ratio_vs_baseline'] = ratio
+    name = f'{config.model.variant}_over_{baseline}_step_time'
+    targets[name] = dict(value=ratio, target=f'<= {ZTT_OVER_HTC_TARGET}',
+                         met=ratio <= ZTT_OVER_HTC_TARGET)
+    if config.model.variant == 'ztt':
+      bare = bench(_variant(config, exit_loss='none'), steps, warmup, peak)
+      result['ztt_without_exit_heads'] = bare
+      bare_ratio = bare['step_s_median'] / base['step_s_median']
+      result['step_ratio_without_exit_heads_vs_baseline'] = bare_ratio
+      targets[f'ztt_without_exit_heads_over_{baseline}_step_time'] = dict(
+          value=bare_ratio, target=f'<= {ZTT_OVER_HTC_TARGET}',
+          met=bare_ratio <= ZTT_OVER_HTC_TARGET)
+  if compile_cycles:
+    by_cycles = {c: bench(_variant(config, n_cycles=c), compile_only=True)
+                 for c in compile_cycles}
+    result['compile_s_by_cycles'] = {
+        str(c): r['compile_s'] for c, r in by_cycles.items()}
+    lo, hi = min(compile_cycles), max(compile_cycles)
+    ratio = by_cycles[hi]['compile_s'] / by_cycles[lo]['compile_s']
+    result['compile_ratio'] = ratio
+    targets[f'compile_{hi}_over_{lo}_cycles'] = dict(
+        value=ratio, target=f'<= {COMPILE_RATIO_TARGET}',
+        met=ratio <= COMPILE_RATIO_TARGET)
+  result['targets'] = targets
+  return result
+
+
+def _cycles(text: str) -> tuple[int, ...]:
+  try:
+    cycles = tuple(int(c) for c in text.split(',') if c.strip())
+  except ValueError:
+    cycles = ()
+  check(not text or (len(cycles) >= 2 and min(cycles) > 0),
+        f'--compile_cycles={text!r}: give two or more positive counts, '
+        'e.g. --compile_cycles=2,8')
+  return cycles
+
+
 def main(argv) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ztt_jax import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  cli.run_main('ztt-bench', lambda: print(json.dumps(
-      bench(f.config, f.steps, f.warmup)), file=sys.stdout))
+  cli.run_main('ztt-bench', lambda: print(json.dumps(compare(
+      f.config, f.steps, f.warmup, f.baseline, _cycles(f.compile_cycles))),
+                                          file=sys.stdout))
 
 
 def run() -> None:
@@ -111,6 +196,10 @@ def run() -> None:
                                   lock_config=True)
   flags.DEFINE_integer('steps', 20, 'Timed steps (the median is reported).')
   flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+  flags.DEFINE_string('baseline', '', 'Also measure this variant (e.g. '
+                      'head_tail_cycle) and print the step-time ratio.')
+  flags.DEFINE_string('compile_cycles', '', 'Also compile at these cycle '
+                      'counts (e.g. 2,8) and print the compile-time ratio.')
   flags.mark_flags_as_required(['config'])
   app.run(main)
 
