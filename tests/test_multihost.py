@@ -5,7 +5,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import sysconfig
 import tempfile
 
 import chex
@@ -41,16 +40,6 @@ class EveryProcessWriter(metrics.MetricWriter):
 train.metrics_lib.MetricWriter = EveryProcessWriter
 train.run()
 '''
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory) -> str:
-  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  text = ''.join((stdlib / name).read_text(encoding='utf-8')
-                 for name in ('textwrap.py', 'shlex.py', 'fnmatch.py'))
-  path = tmp_path_factory.mktemp('corpus') / 'stdlib.txt'
-  path.write_text(text, encoding='utf-8')
-  return str(path)
 
 
 def settings(corpus: str) -> dict[str, object]:

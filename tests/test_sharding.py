@@ -5,7 +5,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import sysconfig
 import tempfile
 
 import jax
@@ -78,16 +77,6 @@ for mesh in ('8,1,1', '2,2,2', '1,4,2'):
     out['specs'] = specs
 print('RESULT ' + json.dumps(out))
 '''
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory) -> str:
-  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  text = ''.join((stdlib / name).read_text(encoding='utf-8')
-                 for name in ('textwrap.py', 'shlex.py', 'fnmatch.py'))
-  path = tmp_path_factory.mktemp('corpus') / 'stdlib.txt'
-  path.write_text(text, encoding='utf-8')
-  return str(path)
 
 
 def forced_cpu_env(n_devices: int, tmp_path) -> dict[str, str]:

@@ -5,7 +5,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import sysconfig
 
 import chex
 import jax
@@ -26,17 +25,6 @@ SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
   monkeypatch.setenv('ZTT_CACHE_DIR', str(tmp_path / 'cache'))
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory) -> str:
-  """Real text that is on every machine: a few standard-library modules."""
-  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  text = ''.join((stdlib / name).read_text(encoding='utf-8')
-                 for name in ('textwrap.py', 'shlex.py', 'fnmatch.py'))
-  path = tmp_path_factory.mktemp('corpus') / 'stdlib.txt'
-  path.write_text(text, encoding='utf-8')
-  return str(path)
 
 
 def small_config(path, **train_overrides):
