@@ -176,6 +176,53 @@ def early_exit_section(out: str) -> tuple[str, list[tuple[str, list]]]:
   return '\n\n'.join(parts), curves
 
 
+def speed_section(docs: str) -> str:
+  """The ztt-bench table from docs/results/bench/*.json (experiments/bench.py)."""
+  bench_dir = os.path.join(docs, 'results', 'bench')
+  names = sorted(n[:-5] for n in os.listdir(bench_dir)
+                 if n.endswith('.json')) if os.path.isdir(bench_dir) else []
+  if not names:
+    return 'No benchmark yet: run `python experiments/bench.py`.'
+  lines = ['| bench | step ms: ZTT / HTC / ZTT no exit heads | tokens/s (ZTT) '
+           '| MFU: ZTT / HTC / no exit heads | matmul peak GFLOP/s | '
+           'ZTT / HTC step | no exit heads / HTC | compile s at C=2, 8 | '
+           'compile ratio | temp memory MiB |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  profiles = []
+  for name in names:
+    with open(os.path.join(bench_dir, name + '.json'), encoding='utf-8') as f:
+      r = json.load(f)
+    base, bare = r['baseline'], r['ztt_without_exit_heads']
+    comp = r['compile_s_by_cycles']
+    lines.append(
+        f'| `{name}` | {r["step_s_median"] * 1e3:.1f} / '
+        f'{base["step_s_median"] * 1e3:.1f} / '
+        f'{bare["step_s_median"] * 1e3:.1f} | {r["tokens_per_s"]:,.0f} | '
+        f'{r["mfu"]:.3f} / {base["mfu"]:.3f} / {bare["mfu"]:.3f} | '
+        f'{r["matmul_peak_flops_per_s"] / 1e9:.1f} | '
+        f'{r["step_ratio_vs_baseline"]:.3f} | '
+        f'{r["step_ratio_without_exit_heads_vs_baseline"]:.3f} | '
+        f'{comp["2"]:.1f}, {comp["8"]:.1f} | {r["compile_ratio"]:.2f} | '
+        f'{r.get("temp_size_in_bytes", 0) / 2**20:.1f} |')
+    prof = os.path.join(bench_dir, name + '.profile.txt')
+    if os.path.exists(prof):
+      with open(prof, encoding='utf-8') as f:
+        profiles.append(f'`{name}`:\n\n```\n{f.read().strip()}\n```')
+  targets = ['', 'Targets (`targets` in the JSON):', '',
+             '| bench | target | value | met |', '|---|---|---|---|']
+  for name in names:
+    with open(os.path.join(bench_dir, name + '.json'), encoding='utf-8') as f:
+      r = json.load(f)
+    for key, t in r['targets'].items():
+      targets.append(f'| `{name}` | {key} {t["target"]} | {t["value"]:.3f} '
+                     f'| {"yes" if t["met"] else "**no**"} |')
+  text = '\n'.join(lines + targets)
+  if profiles:
+    text += ('\n\nWhere the time goes (`experiments/profile_step.py`, time '
+             'per XLA op kind, one step):\n\n' + '\n\n'.join(profiles))
+  return text
+
+
 # ------------------------------------------------------------------ plots --
 
 
@@ -337,6 +384,20 @@ stopping every sequence after a fixed number of cycles.
 ## Ablations of DESIGN.md's readings (ZTT, C=2)
 
 {ablation_table(results)}
+
+## Speed (`ztt-bench`)
+
+`python experiments/bench.py` on the quiet machine (this 2-core CPU, nothing
+else running) runs, for each row,
+`ztt-bench --config=configs/shakespeare_char.py:ztt --baseline=head_tail_cycle
+--compile_cycles=2,8 --steps=20` (plus the row's flags: `unrolled` adds
+`--config.model.scan_layers=False`); the JSON lands in
+`docs/results/bench/`. Step time: median of 20 steps after warm-up, batch
+12 x 64. MFU: model FLOPs (every executed layer, exit heads included) per
+second over a 1024 x 1024 float32 matmul's FLOP/s measured in the same
+process. Compile: the train step compiled at 2 and at 8 cycles.
+
+{speed_section(docs)}
 """
   if notes:
     text += '\n' + notes + '\n'

@@ -104,7 +104,7 @@ def main() -> None:
   args = p.parse_args()
   out = os.path.abspath(args.out)
   data = os.path.abspath(args.data)
-  if not os.path.isfile(data):
+  if not args.report_only and not os.path.isfile(data):
     sys.exit(f'run_all.py: error: --data={args.data}: no such file; pass the '
              'tinyshakespeare text, e.g. ../shared/data/tinyshakespeare.txt')
   seeds = [int(s) for s in args.seeds.split(',') if s]
