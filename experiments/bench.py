@@ -22,8 +22,14 @@ CONFIG = 'configs/shakespeare_char.py:ztt'
 BENCHES = {
     'shakespeare_scanned': [],
     'shakespeare_unrolled': ['--config.model.scan_layers=False'],
+    # Not a target: the same model 4x wider on 16 x 128 tokens, to show how
+    # MFU depends on the matmul shapes on this CPU.
+    'wide_512': ['--config.model.d_model=512', '--config.model.n_heads=8',
+                 '--config.data.seq_len=128', '--config.train.batch_size=16',
+                 '--steps=5', '--warmup=1'],
 }
 COMMON = ['--baseline=head_tail_cycle', '--compile_cycles=2,8', '--steps=20']
+# (absl takes the last of a repeated flag, so a row may override --steps.)
 
 
 def command(extra: list[str]) -> list[str]:
