@@ -28,7 +28,7 @@ BENCHES = {
                  '--config.data.seq_len=128', '--config.train.batch_size=16',
                  '--steps=5', '--warmup=1'],
 }
-COMMON = ['--baseline=head_tail_cycle', '--compile_cycles=2,8', '--steps=20']
+COMMON = ['--baseline=head_tail_cycle', '--compile_cycles=2,8', '--steps=50']
 # (absl takes the last of a repeated flag, so a row may override --steps.)
 
 

@@ -60,7 +60,9 @@ def collect(out: str, steps: int) -> dict:
       if last is not None:
         entry['seeds'][seed] = last
         entry['rows'][seed] = rows
-        entry.setdefault('model', model_numbers(path))
+        if 'model' not in entry and os.path.isdir(
+            os.path.join(path, 'checkpoints')):
+          entry['model'] = model_numbers(path)
     results[run.name] = entry
   return results
 
@@ -390,11 +392,11 @@ stopping every sequence after a fixed number of cycles.
 `python experiments/bench.py` on the quiet machine (this 2-core CPU, nothing
 else running) runs, for each row,
 `ztt-bench --config=configs/shakespeare_char.py:ztt --baseline=head_tail_cycle
---compile_cycles=2,8 --steps=20` (plus the row's flags: `unrolled` adds
+--compile_cycles=2,8 --steps=50` (plus the row's flags: `unrolled` adds
 `--config.model.scan_layers=False`); the JSON lands in
 `docs/results/bench/`; `wide_512` (not a target) is the same model 4x wider
 (`d_model=512`, 8 heads) on 16 x 128 tokens, 5 timed steps. Step time:
-median of 20 steps after warm-up, batch 12 x 64. MFU: model FLOPs (every executed layer, exit heads included) per
+median of 50 steps after warm-up, batch 12 x 64. MFU: model FLOPs (every executed layer, exit heads included) per
 second over a 1024 x 1024 float32 matmul's FLOP/s measured in the same
 process. Compile: the train step compiled at 2 and at 8 cycles.
 
