@@ -187,9 +187,10 @@ def speed_section(docs: str) -> str:
     return 'No benchmark yet: run `python experiments/bench.py`.'
   lines = ['| bench | step ms: ZTT / HTC / ZTT no exit heads | tokens/s (ZTT) '
            '| MFU: ZTT / HTC / no exit heads | matmul peak GFLOP/s | '
+           'MLP-shape matmul GFLOP/s (of peak) | '
            'ZTT / HTC step | no exit heads / HTC | compile s at C=2, 8 | '
            'compile ratio | temp memory MiB |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   profiles = []
   for name in names:
     with open(os.path.join(bench_dir, name + '.json'), encoding='utf-8') as f:
@@ -202,6 +203,9 @@ def speed_section(docs: str) -> str:
         f'{bare["step_s_median"] * 1e3:.1f} | {r["tokens_per_s"]:,.0f} | '
         f'{r["mfu"]:.3f} / {base["mfu"]:.3f} / {bare["mfu"]:.3f} | '
         f'{r["matmul_peak_flops_per_s"] / 1e9:.1f} | '
+        + (f'{r["mlp_matmul_flops_per_s"] / 1e9:.1f} '
+           f'({r["mlp_matmul_over_peak"]:.2f}) | '
+           if 'mlp_matmul_flops_per_s' in r else 'n/a | ') +
         f'{r["step_ratio_vs_baseline"]:.3f} | '
         f'{r["step_ratio_without_exit_heads_vs_baseline"]:.3f} | '
         f'{comp["2"]:.1f}, {comp["8"]:.1f} | {r["compile_ratio"]:.2f} | '

@@ -19,6 +19,11 @@ def test_bench_numbers_are_consistent():
   assert r['mfu'] == pytest.approx(
       r['achieved_flops_per_s'] / r['matmul_peak_flops_per_s'])
   assert 0 < r['mfu'] < 1.5
+  assert r['mlp_matmul_shape'] == [b * t, config.model.d_model,
+                                   model.ModelConfig.from_config(
+                                       cfg).resolved_d_ff]
+  assert r['mlp_matmul_over_peak'] == pytest.approx(
+      r['mlp_matmul_flops_per_s'] / r['matmul_peak_flops_per_s'])
   assert r['compile_s'] > 0 and r['temp_size_in_bytes'] > 0
   assert r['params'] == model.count_params(
       model.abstract_params(model.build(cfg)))

@@ -89,6 +89,13 @@ def bench(config: ml_collections.ConfigDict, steps: int = 20,
     peak = metrics.measure_matmul_peak(
         dtype=model_lib.DTYPES[setup.model_cfg.dtype])
   n_devices = len(setup.mesh.devices.flat)
+  # The model's own MLP matmul ([tokens, D] x [D, F]): how fast this machine
+  # runs the shapes the step is made of, against the square-matmul peak.
+  mlp_shape = (b * t // n_devices, setup.model_cfg.d_model,
+               setup.model_cfg.resolved_d_ff)
+  mlp_flops = metrics.measure_matmul_peak(
+      dtype=model_lib.DTYPES[setup.model_cfg.dtype], shape=mlp_shape,
+      repeats=20)
   memory = compiled.memory_analysis()
   result = {
       'config': setup.model_cfg.variant,
@@ -102,6 +109,9 @@ def bench(config: ml_collections.ConfigDict, steps: int = 20,
       'achieved_flops_per_s': flops_per_token * b * t / step_s,
       'matmul_peak_flops_per_s': peak,
       'mfu': flops_per_token * b * t / step_s / (peak * n_devices),
+      'mlp_matmul_shape': list(mlp_shape),
+      'mlp_matmul_flops_per_s': mlp_flops,
+      'mlp_matmul_over_peak': mlp_flops / peak,
       'trace_lower_s': t1 - t0,
       'compile_s': t2 - t1,
   }

@@ -104,18 +104,20 @@ def progress_bar(step: int, total: int, width: int = 20) -> str:
 
 
 def measure_matmul_peak(n: int = 1024, dtype=jnp.float32,
-                        repeats: int = 5) -> float:
+                        repeats: int = 5, shape=None) -> float:
   """FLOP/s of one device on an n x n matmul (best of `repeats`).
 
   The MFU denominator when `config.train.peak_flops` is 0: a measured peak of
-  the same machine, not a datasheet number.
+  the same machine, not a datasheet number. `shape=(m, k, n)` times an
+  [m, k] x [k, n] matmul instead (e.g. a model's own MLP shape).
   """
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
+  m, k, n = shape or (n, n, n)
+  a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
   best = math.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
-    f(a).block_until_ready()
+    f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+  return 2 * m * k * n / best
