@@ -114,19 +114,21 @@ def ablation_table(results: dict) -> str:
 
 
 def comparisons(results: dict) -> str:
-  """Differences of mean val loss, each against the larger seed spread."""
+  """Differences of mean val loss, each against the larger seed spread, and
+  the paired differences seed by seed (a seed fixes the init and the data
+  order of every variant alike, so pairs share most of the noise)."""
   pairs = []
   for c in (2, 4):
     eq = {2: 'vanilla_6', 4: 'vanilla_10'}[c]
     pairs += [(f'ztt_c{c}', f'htc_c{c}'), (f'ztt_c{c}', f'bc_c{c}'),
               (f'htc_c{c}', f'bc_c{c}'), (f'htc_c{c}', 'vanilla'),
               (f'ztt_c{c}', 'vanilla'), (f'ztt_c{c}', eq)]
-  lines = ['| A | B | A - B | larger seed spread | verdict |',
-           '|---|---|---|---|---|']
+  lines = ['| A | B | A - B (means) | larger seed spread | verdict | A - B '
+           'per seed |', '|---|---|---|---|---|---|']
   for a, b in pairs:
     sa, sb = loss_summary(results[a]), loss_summary(results[b])
     if sa is None or sb is None:
-      lines.append(f'| `{a}` | `{b}` | missing | | |')
+      lines.append(f'| `{a}` | `{b}` | missing | | | |')
       continue
     delta = sa['mean'] - sb['mean']
     spread = max(sa['spread'], sb['spread'])
@@ -136,8 +138,15 @@ def comparisons(results: dict) -> str:
       verdict = 'within the seed spread'
     else:
       verdict = f'{"A" if delta < 0 else "B"} better, beyond the spread'
+    seeds = sorted(set(results[a]['seeds']) & set(results[b]['seeds']))
+    paired = [results[a]['seeds'][s]['val_loss'] -
+              results[b]['seeds'][s]['val_loss'] for s in seeds]
+    signs = {d < 0 for d in paired}
+    same = (' (same sign at every seed)' if len(paired) > 1 and
+            len(signs) == 1 else '')
     lines.append(f'| `{a}` | `{b}` | {delta:+.4f} | {spread:.4f} | '
-                 f'{verdict} |')
+                 f'{verdict} | {", ".join(f"{d:+.4f}" for d in paired)}'
+                 f'{same} |')
   return '\n'.join(lines)
 
 
