@@ -16,6 +16,9 @@ import os
 import statistics
 import sys
 
+# The report only reads checkpoints' configs and shapes: no accelerator
+# (and no libtpu start-up probe on machines without TPUs).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -99,15 +102,20 @@ def main_table(results: dict) -> str:
 
 
 def ablation_table(results: dict) -> str:
-  base = loss_summary(results[grid.ABLATION_BASE])
-  lines = ['| run | change from ZTT C=2 | val loss (mean) | minus ZTT C=2 | '
-           'spread | per seed |', '|---|---|---|---|---|---|']
+  """Each ablation against the base run at the same seeds (paired)."""
+  base = results[grid.ABLATION_BASE]
+  lines = ['| run | change from ZTT C=2 | val loss (mean) | minus ZTT C=2 at '
+           'the same seed(s) | spread | per seed |',
+           '|---|---|---|---|---|---|']
   rows = [(grid.ABLATION_BASE, 'none (the default readings)')] + [
       (r.name, r.label) for r in grid.ABLATIONS]
   for name, label in rows:
-    s = loss_summary(results[name])
-    mean, spread, seeds = _fmt_loss(s)
-    delta = (f'{s["mean"] - base["mean"]:+.4f}' if s and base else '')
+    entry = results[name]
+    mean, spread, seeds = _fmt_loss(loss_summary(entry))
+    paired = [entry['seeds'][s]['val_loss'] - base['seeds'][s]['val_loss']
+              for s in sorted(set(entry['seeds']) & set(base['seeds']))]
+    delta = ', '.join(f'{d:+.4f}' for d in paired) if name != (
+        grid.ABLATION_BASE) else ''
     lines.append(f'| `{name}` | {label} | {mean} | {delta} | {spread} | '
                  f'{seeds} |')
   return '\n'.join(lines)
