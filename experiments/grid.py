@@ -13,7 +13,7 @@ import dataclasses
 
 CONFIG = 'configs/shakespeare_char.py'
 # Half nanoGPT's token budget (1000 steps of 12 x 64 tokens), so that the
-# grid trains in one sitting on 2 cores: ZTT C=4 takes about 9 minutes on one
+# grid trains in one sitting on 2 cores: ZTT C=4 takes about 10 minutes on one
 # core, BC C=4 about 14.
 STEPS = 1000
 STEP_FLAGS = ('--config.train.warmup_steps=50',
