@@ -321,19 +321,9 @@ def plot_early_exit(curves, path: str) -> None:
     return
   fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8),
                            dpi=110, squeeze=False)
+  from ztt_jax import evaluate  # pylint: disable=g-import-not-at-top
   for ax, (name, rows) in zip(axes[0], curves):
-    fixed = [r for r in rows if r['criterion'] == 'fixed']
-    dynamic = [r for r in rows if r['criterion'] != 'fixed']
-    ax.plot([r['mean_cycles'] for r in fixed], [r['val_loss'] for r in fixed],
-            'o-', label='fixed depth (exit head k)')
-    if dynamic:
-      ax.plot([r['mean_cycles'] for r in dynamic],
-              [r['val_loss'] for r in dynamic], 's--',
-              label=f'early exit on {dynamic[0]["criterion"]}')
-    ax.set_title(f'{name}: loss against mean cycles run', fontsize=9)
-    ax.set_xlabel('mean cycles per sequence')
-    ax.set_ylabel('validation loss')
-    ax.legend(fontsize=7)
+    evaluate.draw(ax, rows, f'{name}: loss against mean cycles run')
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

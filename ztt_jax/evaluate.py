@@ -133,15 +133,13 @@ def sweep(cfg, params, batches, criterion: str, thresholds, min_cycles: int = 1
   return rows
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+def draw(ax, rows: list[dict], title: str) -> None:
+  """The sweep on a matplotlib axis: loss against mean cycles, fixed depth
+  and the early-exit rule."""
   fixed = [r for r in rows if r['criterion'] == 'fixed']
   dynamic = [r for r in rows if r['criterion'] != 'fixed']
   ax.plot([r['mean_cycles'] for r in fixed], [r['val_loss'] for r in fixed],
-          'o-', label='fixed depth')
+          'o-', label='fixed depth (exit head k)')
   if dynamic:
     ax.plot([r['mean_cycles'] for r in dynamic],
             [r['val_loss'] for r in dynamic], 's--',
@@ -149,7 +147,15 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   ax.set_xlabel('mean cycles per sequence')
   ax.set_ylabel('validation loss')
   ax.set_title(title, fontsize=9)
-  ax.legend()
+  ax.legend(fontsize=7)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+  draw(ax, rows, title)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
