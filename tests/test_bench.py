@@ -31,7 +31,7 @@ def test_bench_numbers_are_consistent():
 
 def test_compare_reports_ratios_and_targets():
   config = tiny.get_config('ztt')
-  r = bench.compare(config, steps=2, warmup=1, baseline='head_tail_cycle',
+  r = bench.compare(config, steps=1, warmup=0, baseline='head_tail_cycle',
                     compile_cycles=(1, 3))
   base = r['baseline']
   assert base['config'] == 'head_tail_cycle'
