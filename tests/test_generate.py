@@ -28,7 +28,7 @@ def make(variant='ztt', **overrides):
       lambda path, a: jnp.asarray(
           ('scale' in str(path)) + 0.3 * rng.standard_normal(a.shape),
           a.dtype), abstract)
-  return cfg, params
+  return model.build(cfg), params
 
 
 def tokens(seed=1, shape=(B, T)):
@@ -44,12 +44,12 @@ def full_forward(cfg, params, tokens_BxT):
   return model.build(cfg).apply({'params': params}, tokens_BxT)
 
 
-def decode_all(cfg, params, tokens_BxT, prefill, rule=generate.ExitRule(),
+def decode_all(net, params, tokens_BxT, prefill, rule=generate.ExitRule(),
                threshold=0.0):
   """Prefill `prefill` tokens, then feed the rest one at a time."""
-  step = jax.jit(functools.partial(generate.forward, cfg, rule=rule),
+  step = jax.jit(functools.partial(generate.forward, net, rule=rule),
                  donate_argnums=())
-  cache = generate.init_cache(cfg, B, T)
+  cache = generate.init_cache(net.cfg, B, T)
   logits, cycles, cache = step(params, tokens_BxT[:, :prefill],
                                positions(B, prefill), cache,
                                threshold=jnp.float32(threshold))
@@ -83,126 +83,160 @@ PROJECTED = dict(zero_key='projected', n_kv_heads=2)
     'gpt2_style' if x is GPT2_STYLE else 'llama_style' if x is LLAMA_STYLE
     else 'projected_zero_key' if x else 'native'))
 def test_forward_and_cached_decoding_match_the_model(variant, overrides):
-  cfg, params = make(variant, **overrides)
-  if cfg.n_kv_heads:
-    assert generate.init_cache(cfg, B, T).mid[0].shape[-2] == cfg.n_kv_heads
+  net, params = make(variant, **overrides)
+  if net.cfg.n_kv_heads:
+    cache = generate.init_cache(net.cfg, B, T)
+    assert cache.mid[0].shape[-2] == net.cfg.n_kv_heads
   x = tokens()
-  ref = full_forward(cfg, params, x).logits
-  logits, cycles, _ = jax.jit(functools.partial(generate.forward, cfg))(
+  ref = full_forward(net.cfg, params, x).logits
+  logits, cycles, _ = jax.jit(functools.partial(generate.forward, net))(
       params, x, positions())
   np.testing.assert_allclose(logits, ref, atol=ATOL)
-  assert np.all(cycles == cfg.cycles)
-  decoded, cycles = decode_all(cfg, params, x, prefill=4)
+  assert np.all(cycles == net.cfg.cycles)
+  decoded, cycles = decode_all(net, params, x, prefill=4)
   np.testing.assert_allclose(decoded, ref, atol=ATOL)
-  assert np.all(cycles == cfg.cycles)
+  assert np.all(cycles == net.cfg.cycles)
 
 
-def test_unrolled_params_decode_the_same():
-  cfg, params = make('ztt')
+@pytest.mark.parametrize('variant', ['ztt', 'head_tail_cycle'])
+def test_unrolled_params_decode_the_same(variant):
+  net, params = make(variant)
+  unrolled = model.build(dataclasses.replace(net.cfg, scan_layers=False))
+  unrolled_params = model.convert_params(params, scan_layers=False)
   x = tokens()
-  ref = full_forward(cfg, params, x).logits
-  unrolled = model.convert_params(params, scan_layers=False)
-  out = generate.generate(dataclasses.replace(cfg, scan_layers=False),
-                          unrolled, [x[0, :4]], 3, jax.random.key(0))
-  greedy = generate.generate(cfg, params, [x[0, :4]], 3, jax.random.key(0))
+  ref = full_forward(net.cfg, params, x).logits
+  logits, _ = decode_all(unrolled, unrolled_params, x, prefill=4)
+  np.testing.assert_allclose(logits, ref, atol=ATOL)
+  out = generate.generate(unrolled, unrolled_params, [x[0, :4]], 3,
+                          jax.random.key(0))
+  greedy = generate.generate(net, params, [x[0, :4]], 3, jax.random.key(0))
   np.testing.assert_array_equal(out.tokens_BxN, greedy.tokens_BxN)
-  assert ref.shape == (B, T, V)
 
 
 def test_thresholds_never_and_always_met():
-  cfg, params = make('ztt')
+  net, params = make('ztt')
   x = tokens()
-  out = full_forward(cfg, params, x)
-  run = jax.jit(functools.partial(generate.forward, cfg, rule=generate.ExitRule(
+  out = full_forward(net.cfg, params, x)
+  run = jax.jit(functools.partial(generate.forward, net, rule=generate.ExitRule(
       'zero_attention', 1)))
   never, cycles, _ = run(params, x, positions(), threshold=jnp.float32(2.0))
   np.testing.assert_allclose(never, out.logits, atol=ATOL)
-  assert np.all(cycles == cfg.cycles)
+  assert np.all(cycles == net.cfg.cycles)
   for min_cycles in (1, 2):
     rule = generate.ExitRule('zero_attention', min_cycles)
-    always, cycles, _ = generate.forward(cfg, params, x, positions(),
+    always, cycles, _ = generate.forward(net, params, x, positions(),
                                          rule=rule, threshold=-1.0)
     assert np.all(cycles == min_cycles)
     np.testing.assert_allclose(always, out.cycle_logits[min_cycles - 1],
                                atol=ATOL)
   # Token-by-token decoding (and the prefill here) follows the same rule.
-  _, cycles = decode_all(cfg, params, x, 3, generate.ExitRule('gate', 2), 1.0)
+  _, cycles = decode_all(net, params, x, 3, generate.ExitRule('gate', 2), 1.0)
   assert np.all(cycles == 2)
 
 
 def test_per_sequence_exit_freezes_only_exited_sequences():
-  cfg, params = make('ztt')
+  net, params = make('ztt')
   x = tokens()
-  out = full_forward(cfg, params, x)
+  out = full_forward(net.cfg, params, x)
   stat_CxB = np.asarray(out.zero_attention.mean(-1))
   tau = float(stat_CxB[0].mean())  # Between the two sequences' statistics.
   rule = generate.ExitRule('zero_attention', 1)
-  logits, cycles, _ = generate.forward(cfg, params, x, positions(), rule=rule,
+  logits, cycles, _ = generate.forward(net, params, x, positions(), rule=rule,
                                        threshold=tau)
   for b in range(B):
     passed = np.nonzero(stat_CxB[:, b] >= tau)[0]
-    expected = min(passed[0] + 1 if len(passed) else cfg.cycles, cfg.cycles)
+    c = net.cfg.cycles
+    expected = min(passed[0] + 1 if len(passed) else c, c)
     assert np.all(cycles[b] == expected)
     np.testing.assert_allclose(logits[b], out.cycle_logits[expected - 1, b],
                                atol=ATOL)
   assert len(set(np.asarray(cycles[:, 0]).tolist())) == 2, stat_CxB
 
 
+def forced_cycles_reference(net, params, tokens_BxT, cycles_BxT):
+  """An independent reference for per-token exits: one whole-sequence pass,
+  no cache and no while_loop, layer by layer, in which token t runs exactly
+  `cycles_BxT[t]` cycles and afterwards feeds its exit state to every later
+  layer (what state propagation caches)."""
+  cfg = net.cfg
+  pos = positions()
+  call = lambda method, *a: net.apply({'params': params}, *a, method=method)
+  h = call(model.Transformer.embed_tokens, tokens_BxT, pos)
+  h, _ = call(model.Transformer.head_stack, h, pos)
+  mid = params['mid']
+  pool = model.expand_pool(cfg, mid['zero_keys'])
+  block = model.Block(cfg)
+  for c in range(cfg.cycles):
+    running = (cycles_BxT > c)[..., None]
+    y = h
+    for i in range(cfg.mid_layers):
+      layer = jax.tree.map(lambda a, i=i: a[i],
+                           mid['cycle']['stack']['layers'])
+      y, _ = block.apply({'params': layer}, jnp.where(running, y, h),
+                         pool[c, i], pos)
+    y, _ = model.apply_gate(cfg, h, y, mid['gate_w'][c], mid['gate_b'][c])
+    h = jnp.where(running, y, h)
+  return call(model.Transformer.exit_head, h, pos)[0]
+
+
 def test_per_token_exit_propagates_state_into_the_cache():
   """Mixed per-token exits while decoding equal a whole-sequence pass in
   which each token runs exactly the cycles it ran while decoding and feeds
   its exit state to every later layer (state propagation)."""
-  cfg, params = make('ztt', n_cycles=4)
+  net, params = make('ztt', n_cycles=4)
   x = tokens()
-  out = full_forward(cfg, params, x)
+  out = full_forward(net.cfg, params, x)
   tau = float(np.median(out.zero_attention[1]))
   rule = generate.ExitRule('zero_attention', 1)
-  decoded, cycles = decode_all(cfg, params, x, 2, rule, tau)
+  decoded, cycles = decode_all(net, params, x, 2, rule, tau)
   assert len(np.unique(cycles[:, 2:])) > 1, cycles  # Really mixed.
-  reference, ref_cycles, _ = generate.forward(
-      cfg, params, x, positions(), forced_cycles_BxT=cycles)
-  np.testing.assert_array_equal(ref_cycles, cycles)
+  reference = forced_cycles_reference(net, params, x, cycles)
   np.testing.assert_allclose(decoded, reference, atol=ATOL)
+  # The forced-cycles mode of the real loop agrees too.
+  forced, forced_cycles, _ = generate.forward(
+      net, params, x, positions(), forced_cycles_BxT=cycles)
+  np.testing.assert_array_equal(forced_cycles, cycles)
+  np.testing.assert_allclose(forced, reference, atol=ATOL)
   # And propagation matters: without it the result differs.
   assert not np.allclose(decoded, out.logits, atol=1e-3)
 
 
 def test_greedy_is_argmax_and_prompts_of_different_lengths_batch():
-  cfg, params = make('ztt')
+  net, params = make('ztt')
   prompts = [np.array([3, 1, 4]), np.array([1, 5, 9, 2, 6, 5])]
-  both = generate.generate(cfg, params, prompts, 5, jax.random.key(0))
+  both = generate.generate(net, params, prompts, 5, jax.random.key(0))
   for row, prompt in enumerate(prompts):
-    alone = generate.generate(cfg, params, [prompt], 5, jax.random.key(0))
+    alone = generate.generate(net, params, [prompt], 5, jax.random.key(0))
     np.testing.assert_array_equal(alone.tokens_BxN[0], both.tokens_BxN[row])
     seq = list(prompt)
     for token in both.tokens_BxN[row]:
       # Causal: padding after the sequence does not change its last logits.
       padded = jnp.asarray([seq + [0] * (16 - len(seq))])
-      logits = full_forward(cfg, params, padded).logits
+      logits = full_forward(net.cfg, params, padded).logits
       assert int(jnp.argmax(logits[0, len(seq) - 1])) == token
       seq.append(int(token))
-  assert np.all(both.cycles_BxN == cfg.cycles)
+  assert np.all(both.cycles_BxN == net.cfg.cycles)
 
 
 def test_sampling_is_reproducible_and_seeded():
-  cfg, params = make('ztt')
+  net, params = make('ztt')
   run = lambda seed, **kw: generate.generate(
-      cfg, params, [np.array([1, 2])], 8, jax.random.key(seed),
+      net, params, [np.array([1, 2])], 8, jax.random.key(seed),
       temperature=1.0, **kw).tokens_BxN
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0), run(1))
-  greedy = generate.generate(cfg, params, [np.array([1, 2])], 8,
+  greedy = generate.generate(net, params, [np.array([1, 2])], 8,
                              jax.random.key(0)).tokens_BxN
   np.testing.assert_array_equal(run(3, top_k=1), greedy)
   np.testing.assert_array_equal(run(4, top_p=1e-6), greedy)
 
 
 def test_end_token_stops_a_row():
-  cfg, params = make('ztt')
-  first = generate.generate(cfg, params, [np.array([1, 2])], 6,
+  net, params = make('ztt')
+  first = generate.generate(net, params, [np.array([1, 2])], 6,
                             jax.random.key(0)).tokens_BxN[0]
   end = int(first[2])
-  out = generate.generate(cfg, params, [np.array([1, 2])], 6,
+  out = generate.generate(net, params, [np.array([1, 2])], 6,
                           jax.random.key(0), end_id=end)
   stop = list(first).index(end)
   assert out.lengths_B[0] == stop + 1
@@ -223,12 +257,12 @@ def test_pick_top_p_keeps_the_nucleus():
     (generate.ExitRule('fixed', 9), 'exit.min_cycles'),
 ])
 def test_bad_exit_rules(rule, message):
-  cfg, _ = make('ztt')
+  net, _ = make('ztt')
   with pytest.raises(ConfigError, match=message):
-    rule.validate(cfg)
+    rule.validate(net.cfg)
 
 
 def test_zero_attention_exit_needs_zero_tokens():
-  cfg, _ = make('head_tail_cycle')
+  net, _ = make('head_tail_cycle')
   with pytest.raises(ConfigError, match='zero tokens'):
-    generate.ExitRule('zero_attention').validate(cfg)
+    generate.ExitRule('zero_attention').validate(net.cfg)

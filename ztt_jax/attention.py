@@ -34,6 +34,20 @@ def rotary(x_BxTxHxK: jax.Array, positions_BxT: jax.Array,
   return out.astype(x_BxTxHxK.dtype)
 
 
+def logits(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array,
+           mask_BxTxS: jax.Array) -> jax.Array:
+  """Scaled float32 attention logits [B, H, T, S] over the real keys; masked
+  entries hold a large negative number (their softmax weight is 0). Keys
+  with fewer heads G than the queries (grouped-query) are repeated."""
+  groups = q_BxTxHxK.shape[2] // k_BxSxHxK.shape[2]
+  if groups > 1:
+    k_BxSxHxK = jnp.repeat(k_BxSxHxK, groups, axis=2)
+  scale = 1.0 / np.sqrt(q_BxTxHxK.shape[-1])
+  s_BxHxTxS = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK, k_BxSxHxK,
+                         preferred_element_type=jnp.float32) * scale
+  return jnp.where(mask_BxTxS[:, None], s_BxHxTxS, _MASK_VALUE)
+
+
 def zero_token_attention(
     q_BxTxHxK: jax.Array,
     k_BxSxHxK: jax.Array,
@@ -56,9 +70,7 @@ def zero_token_attention(
     subtracted; `out` is in the dtype of `v`.
   """
   scale = 1.0 / np.sqrt(q_BxTxHxK.shape[-1])
-  s_BxHxTxS = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK, k_BxSxHxK,
-                         preferred_element_type=jnp.float32) * scale
-  s_BxHxTxS = jnp.where(mask_BxTxS[:, None], s_BxHxTxS, _MASK_VALUE)
+  s_BxHxTxS = logits(q_BxTxHxK, k_BxSxHxK, mask_BxTxS)
   if zero_key_HxK is None:
     p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1)
     a0_BxTxH = None

@@ -1,8 +1,9 @@
 """Inference under jit: KV-cached decoding through the cycles, early exit.
 
-`forward` is the model's forward pass written as plain JAX over the trained
-params (the same Flax modules, called layer by layer) so that the cycle loop
-can be a `jax.lax.while_loop` that stops early:
+`forward` runs the model's own modules (`Transformer.embed_tokens`,
+`head_stack`, `one_cycle`, `middle_kv`, `exit_head`, through
+`module.apply(..., method=...)`), with the cycle loop as a
+`jax.lax.while_loop` that stops early; scanned and unrolled params alike:
 
 * whole-sequence evaluation (no cache): each sequence of a batch exits on
   its own; an exited sequence is frozen; the loop stops once every sequence
@@ -16,53 +17,25 @@ can be a `jax.lax.while_loop` that stops early:
   the same for every skipped cycle, so they cost one K/V projection per
   middle layer, not a cycle.
 
-The exit statistic (`ExitRule.criterion`) after each cycle, per row (a
-sequence, or a token when decoding):
-  zero_attention  mean zero-token mass of the cycle just run >= threshold
-  gate            mean gate value of the cycle just run <= threshold
-  kl              KL(p_c || p_{c-1}) of successive exit heads <= threshold
-  fixed           always (so a row runs exactly `min_cycles`)
-  none            never (all C cycles)
-No row exits before `min_cycles`.
+When a row exits is `exits.ExitRule` (criteria and statistics: exits.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import sys
 import time
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ztt_jax import exits
 from ztt_jax import model as model_lib
 from ztt_jax.errors import check
+from ztt_jax.exits import ExitRule
 
-CRITERIA = ('none', 'fixed', 'zero_attention', 'gate', 'kl')
-
-
-@dataclasses.dataclass(frozen=True)
-class ExitRule:
-  criterion: str = 'none'
-  min_cycles: int = 1
-
-  def validate(self, cfg: model_lib.ModelConfig) -> ExitRule:
-    check(self.criterion in CRITERIA,
-          f'exit.criterion={self.criterion!r} is not one of {CRITERIA}')
-    check(1 <= self.min_cycles <= cfg.cycles,
-          f'exit.min_cycles={self.min_cycles} must be in [1, {cfg.cycles}] '
-          '(the model\'s cycles)')
-    check(self.criterion != 'zero_attention' or cfg.zero_pool != 'none',
-          f'exit.criterion=zero_attention needs zero tokens but this '
-          f'{cfg.variant} model has none; use exit.criterion=kl or fixed')
-    check(self.criterion != 'gate' or cfg.gate != 'none',
-          f'exit.criterion=gate needs a gate but this {cfg.variant} model '
-          'has none; use exit.criterion=kl or fixed')
-    return self
+Transformer = model_lib.Transformer
 
 
 class Cache(NamedTuple):
@@ -90,181 +63,98 @@ def init_cache(cfg: model_lib.ModelConfig, batch: int, length: int) -> Cache:
       tail=zeros(cfg.tail_layers) if cfg.tail_layers else None)
 
 
-# ------------------------------------------------------- functional model --
+def _write_rows(cache_SxGxK, new_TxGxK, start):
+  return jax.lax.dynamic_update_slice_in_dim(
+      cache_SxGxK, new_TxGxK.astype(cache_SxGxK.dtype), start, 0)
 
 
-def _run_stack(cfg, layers, x_BxTxD, zero_keys_LxHxK, positions_BxT,
-               cache=None, frozen=None):
-  """`lax.scan` over a stack's layers (params stacked on axis 0).
-
-  `frozen = (done_BxT, h_BxTxD)`: done positions feed `h` to every layer
-  (state propagation); their outputs are to be discarded by the caller.
-  Returns `(x, a0_LxBxT or None, cache)`.
-  """
-  block = model_lib.Block(cfg)
-
-  def body(x_BxTxD, inputs):
-    params, key_HxK, layer_cache = inputs
-    if frozen is not None:
-      done_BxT, h_BxTxD = frozen
-      x_BxTxD = jnp.where(done_BxT[..., None], h_BxTxD, x_BxTxD)
-    if layer_cache is None:
-      x_BxTxD, a0_BxT = block.apply({'params': params}, x_BxTxD, key_HxK,
-                                    positions_BxT)
-    else:
-      x_BxTxD, a0_BxT, layer_cache = block.apply(
-          {'params': params}, x_BxTxD, key_HxK, positions_BxT, layer_cache)
-    return x_BxTxD, (a0_BxT, layer_cache)
-
-  x_BxTxD, (a0_LxBxT, cache) = jax.lax.scan(
-      body, x_BxTxD, (layers, zero_keys_LxHxK, cache))
-  return x_BxTxD, a0_LxBxT, cache
-
-
-def _stack_kv(cfg, layers, h_BxTxD, positions_BxT):
-  """Each layer's keys/values for input `h` (state propagation)."""
-  block = model_lib.Block(cfg)
-  return jax.lax.map(
-      lambda p: block.apply({'params': p}, h_BxTxD, positions_BxT,
-                            method='kv'), layers)
-
-
-def _embed(cfg, params, tokens_BxT, positions_BxT):
-  x_BxTxD = nn.Embed(cfg.vocab_size, cfg.d_model,
-                     dtype=model_lib.DTYPES[cfg.dtype]).apply(
-                         {'params': params['embed']}, tokens_BxT)
-  if cfg.positions == 'learned':
-    x_BxTxD = x_BxTxD + model_lib.position_embed(cfg).apply(
-        {'params': params['pos_embed']}, positions_BxT)
-  return x_BxTxD
-
-
-def _exit_head(cfg, params, x_BxTxD, positions_BxT, tail_cache):
-  """Tail layers, final norm and LM head; float32 logits and tail cache."""
-  if cfg.tail_layers:
-    x_BxTxD, _, tail_cache = _run_stack(cfg, params['tail']['layers'],
-                                        x_BxTxD, None, positions_BxT,
-                                        tail_cache)
-  h_BxTxD = model_lib.norm_layer(cfg).apply(
-      {'params': params['final_norm']}, x_BxTxD).astype(
-          model_lib.DTYPES[cfg.dtype])
-  if cfg.tie_embeddings:
-    logits = nn.Embed(cfg.vocab_size, cfg.d_model,
-                      dtype=model_lib.DTYPES[cfg.dtype]).apply(
-                          {'params': params['embed']}, h_BxTxD,
-                          method='attend')
-  else:
-    logits = nn.Dense(cfg.vocab_size, use_bias=False,
-                      dtype=model_lib.DTYPES[cfg.dtype]).apply(
-                          {'params': params['lm_head']}, h_BxTxD)
-  return logits.astype(jnp.float32), tail_cache
-
-
-def _row_mean(x_BxT):
-  return jnp.broadcast_to(x_BxT.mean(-1, keepdims=True), x_BxT.shape)
-
-
-def forward(cfg: model_lib.ModelConfig, params, tokens_BxT, positions_BxT,
+def forward(module: model_lib.Transformer, params, tokens_BxT, positions_BxT,
             cache: Cache | None = None, rule: ExitRule = ExitRule(),
             threshold=0.0, forced_cycles_BxT=None):
   """The forward pass with the cycle loop as a `while_loop`.
 
   Args:
-    cfg: the model config.
-    params: scanned-layout params (`model.convert_params(p, True)`).
+    module: the model (`model.build(config.model)`).
+    params: its params (scanned or unrolled, as `module.cfg.scan_layers`).
     tokens_BxT: token ids.
     positions_BxT: their positions (contiguous per row).
     cache: a `Cache` to read and update, or None (whole sequences).
-    rule: when rows stop cycling (see the module docstring).
+    rule: when rows stop cycling (exits.py).
     threshold: the rule's threshold (a traced float: no recompiles).
-    forced_cycles_BxT: instead of a rule, the cycles each position runs (a
-      reference for per-token exit with state propagation).
+    forced_cycles_BxT: instead of a rule, the cycles each position runs.
 
   Returns:
     `(logits_BxTxV, cycles_BxT, cache)`: logits from the exit state, the
     cycles every position ran, and the updated cache (None without one).
   """
-  x_BxTxD = _embed(cfg, params, tokens_BxT, positions_BxT)
+  cfg = module.cfg
+
+  def call(method, *args):
+    return module.apply({'params': params}, *args, method=method)
+
   head_cache = mid_cache = tail_cache = None
   if cache is not None:
     head_cache, mid_cache, tail_cache = cache
-  if cfg.head_layers:
-    x_BxTxD, _, head_cache = _run_stack(cfg, params['head']['layers'],
-                                        x_BxTxD, None, positions_BxT,
-                                        head_cache)
-
-  mid = params['mid']
-  pool_CxLxHxK = model_lib.expand_pool(cfg, mid.get('zero_keys'))
-  layers = mid['cycle']['stack']['layers']
-  n_cycles = cfg.cycles
+  x_BxTxD = call(Transformer.embed_tokens, tokens_BxT, positions_BxT)
+  x_BxTxD, head_cache = call(Transformer.head_stack, x_BxTxD, positions_BxT,
+                             head_cache)
   done_BxT = jnp.zeros(tokens_BxT.shape, bool)
   cycles_BxT = jnp.zeros(tokens_BxT.shape, jnp.int32)
-  prev_logp = (jnp.zeros(tokens_BxT.shape + (cfg.vocab_size,))
-               if rule.criterion == 'kl' else None)
+  prev_logits = (jnp.zeros(tokens_BxT.shape + (cfg.vocab_size,))
+                 if rule.criterion == 'kl' else None)
 
   def still_running(carry):
     c, _, done_BxT, *_ = carry
-    return (c < n_cycles) & ~jnp.all(done_BxT)
+    return (c < cfg.cycles) & ~jnp.all(done_BxT)
 
   def one_cycle(carry):
-    c, x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logp = carry
-    key_LxHxK = None if pool_CxLxHxK is None else pool_CxLxHxK[c]
+    c, x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logits = carry
     cycle_cache = (None if mid_cache is None else
                    jax.tree.map(lambda a: a[c], mid_cache))
-    y_BxTxD, a0_LxBxT, cycle_cache = _run_stack(
-        cfg, layers, x_BxTxD, key_LxHxK, positions_BxT, cycle_cache,
-        frozen=(done_BxT, x_BxTxD))
-    gate_w = mid['gate_w'][c] if cfg.gate == 'token' else None
-    gate_b = mid['gate_b'][c] if cfg.gate != 'none' else None
-    y_BxTxD, g_BxT = model_lib.apply_gate(cfg, x_BxTxD, y_BxTxD, gate_w,
-                                          gate_b)
+    # Exited rows feed their exit state to every layer (propagation).
+    y_BxTxD, out = call(Transformer.one_cycle, x_BxTxD, c, positions_BxT,
+                        cycle_cache, (done_BxT, x_BxTxD))
     x_BxTxD = jnp.where(done_BxT[..., None], x_BxTxD, y_BxTxD)
     if forced_cycles_BxT is not None:
       stop_BxT = c + 1 >= forced_cycles_BxT
     else:
-      if rule.criterion == 'zero_attention':
-        stop_BxT = _row_mean(a0_LxBxT.mean(0)) >= threshold
-      elif rule.criterion == 'gate':
-        stop_BxT = _row_mean(g_BxT) <= threshold
-      elif rule.criterion == 'kl':
-        logits, _ = _exit_head(cfg, params, x_BxTxD, positions_BxT,
-                               tail_cache)
-        logp = jax.nn.log_softmax(logits)
-        kl_BxT = jnp.sum(jnp.exp(logp) * (logp - prev_logp), -1)
-        stop_BxT = (_row_mean(kl_BxT) <= threshold) & (c > 0)
-        prev_logp = logp
-      else:
-        stop_BxT = jnp.full(done_BxT.shape, rule.criterion == 'fixed')
-      stop_BxT = stop_BxT & (c + 1 >= rule.min_cycles)
+      logits = None
+      if rule.criterion == 'kl':
+        logits, _ = call(Transformer.exit_head, x_BxTxD, positions_BxT,
+                         tail_cache)
+      stat_BxT = exits.statistic(rule.criterion, out.zero_attention,
+                                 out.gate, logits, prev_logits)
+      if rule.criterion == 'kl':  # No previous exit head before cycle 1.
+        stat_BxT = jnp.where(c > 0, stat_BxT, jnp.inf)
+        prev_logits = logits
+      stop_BxT = rule.stops(c, stat_BxT, threshold, done_BxT.shape)
     cycles_BxT = jnp.where(done_BxT, cycles_BxT, c + 1)
     done_BxT = done_BxT | stop_BxT
     if mid_cache is not None:
       mid_cache = jax.tree.map(lambda full, new: full.at[c].set(new),
-                               mid_cache, cycle_cache)
-    return c + 1, x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logp
+                               mid_cache, out.cache)
+    return c + 1, x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logits
 
   c_end, x_BxTxD, done_BxT, cycles_BxT, mid_cache, _ = jax.lax.while_loop(
       still_running, one_cycle,
-      (jnp.int32(0), x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logp))
+      (jnp.int32(0), x_BxTxD, done_BxT, cycles_BxT, mid_cache, prev_logits))
 
   if mid_cache is not None:
     # Cycles nobody ran: fill from the exit states (state propagation).
-    kv = _stack_kv(cfg, layers, x_BxTxD, positions_BxT)
+    kv = call(Transformer.middle_kv, x_BxTxD, positions_BxT)
     starts_B = positions_BxT[:, 0]
+    write = jax.vmap(jax.vmap(_write_rows, in_axes=(0, 0, 0)),
+                     in_axes=(0, 0, None))
 
     def fill(c, mid_cache):
-      def write(full, new_LxBxTxHxK):
-        row = jax.vmap(jax.vmap(
-            lambda cache_SxHxK, n_TxHxK, s: jax.lax.dynamic_update_slice_in_dim(
-                cache_SxHxK, n_TxHxK.astype(cache_SxHxK.dtype), s, 0),
-            in_axes=(0, 0, 0)), in_axes=(0, 0, None))
-        return full.at[c].set(row(full[c], new_LxBxTxHxK, starts_B))
-      return jax.tree.map(write, mid_cache, kv)
+      return jax.tree.map(
+          lambda full, new_LxBxTxGxK: full.at[c].set(
+              write(full[c], new_LxBxTxGxK, starts_B)), mid_cache, kv)
 
-    mid_cache = jax.lax.fori_loop(c_end, n_cycles, fill, mid_cache)
+    mid_cache = jax.lax.fori_loop(c_end, cfg.cycles, fill, mid_cache)
 
-  logits_BxTxV, tail_cache = _exit_head(cfg, params, x_BxTxD, positions_BxT,
-                                        tail_cache)
+  logits_BxTxV, tail_cache = call(Transformer.exit_head, x_BxTxD,
+                                  positions_BxT, tail_cache)
   new_cache = None if cache is None else Cache(head_cache, mid_cache,
                                                tail_cache)
   return logits_BxTxV, cycles_BxT, new_cache
@@ -302,13 +192,13 @@ class Generation(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'cfg', 'max_new_tokens', 'rule', 'temperature', 'top_k', 'top_p'))
-def _generate(cfg, params, prompt_BxP, lengths_B, rng, threshold, end_id,
+    'module', 'max_new_tokens', 'rule', 'temperature', 'top_k', 'top_p'))
+def _generate(module, params, prompt_BxP, lengths_B, rng, threshold, end_id,
               max_new_tokens, rule, temperature, top_k, top_p):
   b, p = prompt_BxP.shape
-  cache = init_cache(cfg, b, p + max_new_tokens)
+  cache = init_cache(module.cfg, b, p + max_new_tokens)
   positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
-  logits_BxPxV, _, cache = forward(cfg, params, prompt_BxP, positions_BxP,
+  logits_BxPxV, _, cache = forward(module, params, prompt_BxP, positions_BxP,
                                    cache)
   logits_BxV = logits_BxPxV[jnp.arange(b), lengths_B - 1]
   tokens_BxN = jnp.full((b, max_new_tokens), -1, jnp.int32)
@@ -325,7 +215,7 @@ def _generate(cfg, params, prompt_BxP, lengths_B, rng, threshold, end_id,
     next_B = pick(logits_BxV, key, temperature, top_k, top_p)
     tokens_BxN = tokens_BxN.at[:, i].set(jnp.where(finished_B, -1, next_B))
     logits_Bx1xV, cycles_Bx1, cache = forward(
-        cfg, params, next_B[:, None], (lengths_B + i)[:, None], cache, rule,
+        module, params, next_B[:, None], (lengths_B + i)[:, None], cache, rule,
         threshold)
     cycles_BxN = cycles_BxN.at[:, i].set(
         jnp.where(finished_B, 0, cycles_Bx1[:, 0]))
@@ -339,7 +229,8 @@ def _generate(cfg, params, prompt_BxP, lengths_B, rng, threshold, end_id,
   return tokens_BxN, cycles_BxN
 
 
-def generate(cfg: model_lib.ModelConfig, params, prompts, max_new_tokens: int,
+def generate(module: model_lib.Transformer, params, prompts,
+             max_new_tokens: int,
              rng: jax.Array, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, rule: ExitRule = ExitRule(),
              threshold: float = 0.0, end_id: int = -1) -> Generation:
@@ -350,8 +241,7 @@ def generate(cfg: model_lib.ModelConfig, params, prompts, max_new_tokens: int,
   follow `rule`. Stops at `max_new_tokens` or once every row produced
   `end_id`.
   """
-  cfg = model_lib.ModelConfig.from_config(cfg)
-  rule = rule.validate(cfg)
+  rule = rule.validate(module.cfg)
   prompts = [np.asarray(x, np.int32).reshape(-1) for x in prompts]
   check(all(len(x) > 0 for x in prompts), 'every prompt needs at least one '
         'token; pass a non-empty prompt')
@@ -359,12 +249,11 @@ def generate(cfg: model_lib.ModelConfig, params, prompts, max_new_tokens: int,
   prompt_BxP = np.zeros((len(prompts), lengths_B.max()), np.int32)
   for row, ids in enumerate(prompts):
     prompt_BxP[row, :len(ids)] = ids
-  params = model_lib.convert_params(params, scan_layers=True)
   args = (params, prompt_BxP, lengths_B, rng, jnp.float32(threshold),
           jnp.int32(end_id))
   t0 = time.perf_counter()
   compiled = _generate.lower(
-      dataclasses.replace(cfg, scan_layers=True), *args,
+      module, *args,
       max_new_tokens=int(max_new_tokens), rule=rule,
       temperature=float(temperature), top_k=int(top_k),
       top_p=float(top_p)).compile()
@@ -433,7 +322,7 @@ def run_generate(workdir: str, prompt: str, max_new_tokens: int = 200,
   ids = tokenizer.encode(prompt)
   rule = (ExitRule() if exit_threshold is None
           else ExitRule(exit_criterion, min_cycles))
-  out = generate(module.cfg, params, [ids], max_new_tokens,
+  out = generate(module, params, [ids], max_new_tokens,
                  jax.random.key(seed), temperature, top_k, top_p, rule,
                  exit_threshold or 0.0)
   n = int(out.lengths_B[0])

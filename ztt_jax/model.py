@@ -234,7 +234,9 @@ def exit_weights(cfg: ModelConfig) -> jax.Array:
 class ModelOutput:
   """What `apply` returns. Fields that a variant does not have are None."""
   logits: jax.Array  # [B, T, V] float32, after the last cycle.
-  cycle_logits: jax.Array | None = None  # [C, B, T, V] exit head per cycle.
+  # [C, B, T, V]: the exit head after every cycle; C = 1 (the last cycle
+  # only) for a model without exit heads. cycle_logits[-1] == logits.
+  cycle_logits: jax.Array
   zero_attention: jax.Array | None = None  # [C, B, T] mean over heads, layers.
   gate: jax.Array | None = None  # [C, B, T] gate value per cycle.
 
@@ -364,6 +366,13 @@ class Attention(nn.Module):
       k_BxTxGxK, v_BxTxGxK = (jnp.repeat(a, groups, axis=2)
                               for a in (k_BxTxGxK, v_BxTxGxK))
     mask_BxTxS = attention.causal_mask(positions_BxT, key_positions_BxS)
+    if self.is_mutable_collection('intermediates'):
+      # What zero-key calibration reads (convert.py): the queries and the
+      # log-sum-exp of their logits over the real keys.
+      self.sow('intermediates', 'queries', q_BxTxHxK.astype(jnp.float32))
+      self.sow('intermediates', 'key_lse', jax.nn.logsumexp(
+          attention.logits(q_BxTxHxK, k_BxTxGxK, mask_BxTxS), -1
+      ).transpose(0, 2, 1))
     out_BxTxHxK, a0_BxTxH = attention.zero_token_attention(
         q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, zero_key_HxK)
     return self.out(out_BxTxHxK), a0_BxTxH, cache
@@ -405,41 +414,49 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder layer. Returns `(x, a0_BxT)`, a0 meaned over heads,
-  and the updated KV cache as a third element when `cache` is given."""
+  """Pre-norm decoder layer.
+
+  `__call__` returns `(x, (a0_BxT, cache))` whatever the config: `a0` is the
+  zero-token mass meaned over heads (None without a zero key), `cache` the
+  updated `(k, v)` (None without one). `hold = (done_BxT, h_BxTxD)` makes
+  the done positions read `h` instead of `x` (the state propagation of
+  tokens that exited, see `generate.forward`).
+  """
   cfg: ModelConfig
-  deterministic: bool = True
 
   def setup(self):
     self.attn_norm = norm_layer(self.cfg)
     self.attn = Attention(self.cfg)
     self.mlp_norm = norm_layer(self.cfg)
     self.mlp = Mlp(self.cfg)
-    self.drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
+    self.drop = nn.Dropout(self.cfg.dropout)
 
   def kv(self, x_BxTxD, positions_BxT):
     """The keys and values this layer would cache for input `x`."""
     return self.attn.kv(self._normed(self.attn_norm, x_BxTxD), positions_BxT)
 
-  def queries(self, x_BxTxD, positions_BxT):
-    """The queries this layer's attention computes for input `x`."""
-    return self.attn.queries(self._normed(self.attn_norm, x_BxTxD),
-                             positions_BxT)
+  def kv_carry(self, x_BxTxD, positions_BxT):
+    """`(x, kv(x))`: the form a layer scan takes (every layer reads `x`)."""
+    return x_BxTxD, self.kv(x_BxTxD, positions_BxT)
 
   def _normed(self, norm, x_BxTxD):
     return norm(x_BxTxD).astype(DTYPES[self.cfg.dtype])
 
-  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT, cache=None):
+  def __call__(self, x_BxTxD, zero_key_HxK, positions_BxT, cache=None,
+               hold=None, deterministic=True):
+    if hold is not None:
+      done_BxT, h_BxTxD = hold
+      x_BxTxD = jnp.where(done_BxT[..., None], h_BxTxD, x_BxTxD)
     h_BxTxD, a0_BxTxH, cache = self.attn(
         self._normed(self.attn_norm, x_BxTxD), zero_key_HxK, positions_BxT,
         cache)
-    x_BxTxD = x_BxTxD + self.drop(h_BxTxD)
+    x_BxTxD = x_BxTxD + self.drop(h_BxTxD, deterministic=deterministic)
     h_BxTxD = self.mlp(self._normed(self.mlp_norm, x_BxTxD))
-    x_BxTxD = x_BxTxD + self.drop(h_BxTxD)
+    x_BxTxD = x_BxTxD + self.drop(h_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(
         x_BxTxD, ('activation_batch', 'activation_length', 'activation_embed'))
     a0_BxT = None if a0_BxTxH is None else a0_BxTxH.mean(-1)
-    return (x_BxTxD, a0_BxT) if cache is None else (x_BxTxD, a0_BxT, cache)
+    return x_BxTxD, (a0_BxT, cache)
 
 
 def remat_policy(name: str):
@@ -456,35 +473,59 @@ class LayerStack(nn.Module):
 
   Scanned params are stacked on a leading 'layers' axis under `layers`;
   unrolled ones are `layers_0`, `layers_1`, ... (see `convert_params`).
+  Per-layer inputs and outputs (zero keys, KV cache, a0) carry a leading
+  layer axis L either way.
   """
   cfg: ModelConfig
   n_layers: int
-  deterministic: bool = True
 
-  @nn.compact
-  def __call__(self, x_BxTxD, zero_keys_LxHxK, positions_BxT):
+  def setup(self):
     cfg = self.cfg
     if self.n_layers == 0:
-      return x_BxTxD, None
+      return
     block = Block
     if cfg.remat_policy != 'none':
+      # `deterministic` (argument 6, counting self) is a Python bool.
       block = nn.remat(Block, policy=remat_policy(cfg.remat_policy),
-                       prevent_cse=not cfg.scan_layers)
+                       prevent_cse=not cfg.scan_layers, static_argnums=(6,))
     if cfg.scan_layers:
-      scanned = nn.scan(
-          block, variable_axes={'params': 0},
-          split_rngs={'params': True, 'dropout': True},
-          in_axes=(0, nn.broadcast), length=self.n_layers,
-          metadata_params={nn.PARTITION_NAME: 'layers'})
-      return scanned(cfg, self.deterministic, name='layers')(
-          x_BxTxD, zero_keys_LxHxK, positions_BxT)
-    a0s = []
-    for i in range(self.n_layers):
-      key_HxK = None if zero_keys_LxHxK is None else zero_keys_LxHxK[i]
-      x_BxTxD, a0_BxT = block(cfg, self.deterministic, name=f'layers_{i}')(
-          x_BxTxD, key_HxK, positions_BxT)
-      a0s.append(a0_BxT)
-    return x_BxTxD, None if a0s[0] is None else jnp.stack(a0s)
+      common = dict(variable_axes={'params': 0, 'intermediates': 0},
+                    split_rngs={'params': True, 'dropout': True},
+                    length=self.n_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+      self.layers = nn.scan(block, methods={
+          '__call__': dict(in_axes=(0, nn.broadcast, 0, nn.broadcast,
+                                    nn.broadcast), **common),
+          'kv_carry': dict(in_axes=(nn.broadcast,), **common)})(cfg)
+    else:
+      self.layers = [block(cfg) for _ in range(self.n_layers)]
+
+  def __call__(self, x_BxTxD, zero_keys_LxHxK, positions_BxT, cache=None,
+               hold=None, deterministic=True):
+    """Returns `(x, (a0_LxBxT or None, cache or None))`."""
+    if self.n_layers == 0:
+      return x_BxTxD, (None, cache)
+    if self.cfg.scan_layers:
+      return self.layers(x_BxTxD, zero_keys_LxHxK, positions_BxT, cache,
+                         hold, deterministic)
+    outs = []
+    for i, layer in enumerate(self.layers):
+      pick = lambda tree, i=i: jax.tree.map(lambda a: a[i], tree)
+      x_BxTxD, out = layer(x_BxTxD, pick(zero_keys_LxHxK), positions_BxT,
+                           pick(cache), hold, deterministic)
+      outs.append(out)
+    return x_BxTxD, _stack(outs)
+
+  def kv(self, x_BxTxD, positions_BxT):
+    """Every layer's `(k, v)` [L, B, T, G, K] when each layer reads `x`."""
+    if self.cfg.scan_layers:
+      return self.layers.kv_carry(x_BxTxD, positions_BxT)[1]
+    return _stack([layer.kv(x_BxTxD, positions_BxT) for layer in self.layers])
+
+
+def _stack(trees):
+  """Stacks a list of equal pytrees on a new leading axis (None stays)."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
 def apply_gate(cfg: ModelConfig, x_BxTxD, y_BxTxD, gate_w_D, gate_b):
@@ -506,27 +547,33 @@ def apply_gate(cfg: ModelConfig, x_BxTxD, y_BxTxD, gate_w_D, gate_b):
       y_BxTxD.dtype), g_BxT
 
 
+@flax.struct.dataclass
+class CycleOutput:
+  """What one cycle reports besides its output state."""
+  zero_attention: jax.Array | None  # [B, T] mean over heads and layers.
+  gate: jax.Array | None  # [B, T].
+  cache: Any = None  # This cycle's (k, v), each [L, B, S, G, K].
+
+
 class Cycle(nn.Module):
   """One pass of the shared middle stack, then the gate.
 
   `xs` holds this cycle's slice of the per-cycle inputs: `zero_keys` [L,H,K]
   (or None), `gate_w` [D] and `gate_b` [] (or None).
-  Returns `(x, (y or None, a0_BxT or None, gate_BxT or None))`.
   """
   cfg: ModelConfig
-  deterministic: bool = True
-  keep_states: bool = True
 
-  @nn.compact
-  def __call__(self, x_BxTxD, xs, positions_BxT):
-    cfg = self.cfg
-    y_BxTxD, a0_LxBxT = LayerStack(cfg, cfg.mid_layers, self.deterministic,
-                                   name='stack')(
-                                       x_BxTxD, xs['zero_keys'], positions_BxT)
-    y_BxTxD, g_BxT = apply_gate(cfg, x_BxTxD, y_BxTxD, xs['gate_w'],
+  def setup(self):
+    self.stack = LayerStack(self.cfg, self.cfg.mid_layers)
+
+  def __call__(self, x_BxTxD, xs, positions_BxT, cache=None, hold=None,
+               deterministic=True) -> tuple[jax.Array, CycleOutput]:
+    y_BxTxD, (a0_LxBxT, cache) = self.stack(
+        x_BxTxD, xs['zero_keys'], positions_BxT, cache, hold, deterministic)
+    y_BxTxD, g_BxT = apply_gate(self.cfg, x_BxTxD, y_BxTxD, xs['gate_w'],
                                 xs['gate_b'])
     a0_BxT = None if a0_LxBxT is None else a0_LxBxT.mean(0)
-    return y_BxTxD, (y_BxTxD if self.keep_states else None, a0_BxT, g_BxT)
+    return y_BxTxD, CycleOutput(a0_BxT, g_BxT, cache)
 
 
 def expand_pool(cfg: ModelConfig, pool):
@@ -553,83 +600,169 @@ def zero_slot_shape(cfg: ModelConfig) -> tuple[int, ...]:
 class CycledMiddle(nn.Module):
   """The middle stack run `cycles` times with one shared set of weights.
 
-  Owns the Zero-Token Pool and the per-cycle gate parameters, which are fed
-  to the cycle scan as its scanned input (one slice per cycle).
+  Owns the Zero-Token Pool and the per-cycle gate parameters; cycle c reads
+  slice c of them (`cycle_inputs`). `__call__` runs every cycle (an
+  `nn.scan` over cycles, or unrolled); `one_cycle` runs cycle c alone, c
+  possibly traced (decoding's `while_loop`).
   """
   cfg: ModelConfig
-  deterministic: bool = True
 
-  def zero_key_pool(self):
-    """The pool broadcast to [C, L, H, K] (None without zero tokens)."""
-    cfg = self.cfg
-    if cfg.zero_pool == 'none':
-      return None
-    lead, lead_axes = {
-        'cycle_layer': ((cfg.cycles, cfg.mid_layers), ('cycles', 'layers')),
-        'cycle': ((cfg.cycles,), ('cycles',)),
-        'layer': ((cfg.mid_layers,), ('layers',)),
-    }[cfg.zero_pool]
-    # A projected zero token starts at the scale of a normed hidden state.
-    projected = cfg.zero_key == 'projected'
-    slot_axes = ('embed',) if projected else ('heads', 'kv')
-    std = 1.0 if projected else cfg.zero_key_init_std
-    return expand_pool(cfg, self.param(
-        'zero_keys', nn.with_logical_partitioning(
-            nn.initializers.normal(std), lead_axes + slot_axes),
-        lead + zero_slot_shape(cfg), DTYPES[cfg.param_dtype]))
-
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT):
+  def setup(self):
     cfg = self.cfg
     c = cfg.cycles
-    xs = {'zero_keys': self.zero_key_pool(), 'gate_w': None, 'gate_b': None}
+    self.zero_keys = self.gate_b = self.gate_w = None
+    if cfg.zero_pool != 'none':
+      lead, lead_axes = {
+          'cycle_layer': ((c, cfg.mid_layers), ('cycles', 'layers')),
+          'cycle': ((c,), ('cycles',)),
+          'layer': ((cfg.mid_layers,), ('layers',)),
+      }[cfg.zero_pool]
+      # A projected zero token starts at the scale of a normed hidden state.
+      projected = cfg.zero_key == 'projected'
+      slot_axes = ('embed',) if projected else ('heads', 'kv')
+      std = 1.0 if projected else cfg.zero_key_init_std
+      self.zero_keys = self.param(
+          'zero_keys', nn.with_logical_partitioning(
+              nn.initializers.normal(std), lead_axes + slot_axes),
+          lead + zero_slot_shape(cfg), DTYPES[cfg.param_dtype])
     if cfg.gate != 'none':
-      xs['gate_b'] = self.param(
+      self.gate_b = self.param(
           'gate_b', nn.with_logical_partitioning(
               nn.initializers.constant(cfg.gate_bias_init), ('cycles',)),
           (c,), DTYPES[cfg.param_dtype])
-      if cfg.gate == 'token':
-        xs['gate_w'] = self.param(
-            'gate_w', nn.with_logical_partitioning(
-                nn.initializers.zeros, ('cycles', 'embed')),
-            (c, cfg.d_model), DTYPES[cfg.param_dtype])
+    if cfg.gate == 'token':
+      self.gate_w = self.param(
+          'gate_w', nn.with_logical_partitioning(
+              nn.initializers.zeros, ('cycles', 'embed')),
+          (c, cfg.d_model), DTYPES[cfg.param_dtype])
+    self.cycle = Cycle(cfg)
+
+  def cycle_inputs(self) -> dict[str, jax.Array | None]:
+    """Per-cycle inputs, each with a leading cycle axis C."""
+    return {'zero_keys': expand_pool(self.cfg, self.zero_keys),
+            'gate_w': self.gate_w, 'gate_b': self.gate_b}
+
+  def one_cycle(self, x_BxTxD, c, positions_BxT, cache=None, hold=None,
+                deterministic=True) -> tuple[jax.Array, CycleOutput]:
+    """Cycle `c` (0-based) on state `x`; `cache` is that cycle's cache."""
+    xs = jax.tree.map(lambda a: a[c], self.cycle_inputs())
+    return self.cycle(x_BxTxD, xs, positions_BxT, cache, hold, deterministic)
+
+  def kv(self, h_BxTxD, positions_BxT):
+    """Each middle layer's `(k, v)` when it reads `h` (any cycle: the
+    weights are shared, and zero keys do not enter keys or values)."""
+    return self.cycle.stack.kv(h_BxTxD, positions_BxT)
+
+  def __call__(self, x_BxTxD, positions_BxT, keep_states: bool,
+               deterministic=True):
+    """Every cycle. Returns `(x, states_CxBxTxD or None, a0_CxBxT or None,
+    gate_CxBxT or None)`; the states (every cycle's output) only with
+    `keep_states`."""
+    cfg = self.cfg
+
+    def body(cycle, x_BxTxD, xs):
+      y_BxTxD, out = cycle(x_BxTxD, xs, positions_BxT, None, None,
+                           deterministic)
+      return y_BxTxD, (y_BxTxD if keep_states else None, out.zero_attention,
+                       out.gate)
+
+    xs = self.cycle_inputs()
     if cfg.scan_layers:
-      # One set of weights for every cycle; the pool slice is the scanned xs.
-      scan = nn.scan(Cycle, variable_broadcast='params',
-                     split_rngs={'params': False, 'dropout': True},
-                     in_axes=(0, nn.broadcast), length=c)
-      x_BxTxD, (ys_CxBxTxD, a0_CxBxT, g_CxBxT) = scan(
-          cfg, self.deterministic, keep_states=cfg.exit_heads, name='cycle')(
-              x_BxTxD, xs, positions_BxT)
+      # One set of weights for every cycle; slice c of xs is cycle c's.
+      x_BxTxD, outs = nn.scan(
+          body, variable_broadcast='params',
+          variable_axes={'intermediates': 0},
+          split_rngs={'params': False, 'dropout': True},
+          length=cfg.cycles)(self.cycle, x_BxTxD, xs)
     else:
       # The same module instance called C times: Flax shares its params.
-      cycle = Cycle(cfg, self.deterministic, keep_states=cfg.exit_heads,
-                    name='cycle')
       outs = []
-      for i in range(c):
-        x_BxTxD, out = cycle(x_BxTxD, jax.tree.map(lambda a: a[i], xs),
-                             positions_BxT)
+      for c in range(cfg.cycles):
+        x_BxTxD, out = body(self.cycle, x_BxTxD,
+                            jax.tree.map(lambda a, c=c: a[c], xs))
         outs.append(out)
-      ys_CxBxTxD, a0_CxBxT, g_CxBxT = (
-          None if outs[0][j] is None else jnp.stack([o[j] for o in outs])
-          for j in range(3))
-    return x_BxTxD, ys_CxBxTxD, a0_CxBxT, g_CxBxT
+      outs = _stack(outs)
+    return (x_BxTxD, *outs)
 
 
 def position_embed(cfg: ModelConfig) -> nn.Module:
-  """The learned absolute position table [max_seq_len, D] (`pos_embed`)."""
+  """The learned absolute position table [max_seq_len, D]."""
   return nn.Embed(
       cfg.max_seq_len, cfg.d_model, dtype=DTYPES[cfg.dtype],
       param_dtype=DTYPES[cfg.param_dtype],
-      embedding_init=_dense_init(cfg, ('positions', 'embed')),
-      name='pos_embed')
+      embedding_init=_dense_init(cfg, ('positions', 'embed')))
 
 
 class Transformer(nn.Module):
-  """Embedding, head layers, cycled middle, tail layers, exit heads."""
+  """Embedding, head layers, cycled middle, tail layers, exit heads.
+
+  `__call__` is the whole-sequence pass (training, evaluation). The pieces
+  it composes are methods too, for `apply(..., method=...)`: decoding with a
+  KV cache and early exit (`generate.forward`) and zero-key calibration
+  (`convert.py`) run exactly these modules.
+
+    embed_tokens  token (+ position) embedding
+    head_stack    the head layers
+    one_cycle     cycle c of the middle stack, with its gate
+    middle_kv     middle-layer keys/values for a given input (propagation)
+    exit_head     tail layers, final norm and LM head: float32 logits
+
+  A cache is `(k, v)`, each [L, B, S, G, K], per stack (`generate.Cache`).
+  """
   cfg: ModelConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        embedding_init=_dense_init(cfg, ('vocab', 'embed')))
+    if cfg.positions == 'learned':
+      self.pos_embed = position_embed(cfg)
+    self.embed_drop = nn.Dropout(cfg.dropout)
+    self.head = LayerStack(cfg, cfg.head_layers)
+    self.mid = CycledMiddle(cfg)
+    self.tail = LayerStack(cfg, cfg.tail_layers)
+    self.final_norm = norm_layer(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype],
+          param_dtype=DTYPES[cfg.param_dtype],
+          kernel_init=_dense_init(cfg, ('embed', 'vocab')))
+
+  def embed_tokens(self, tokens_BxT, positions_BxT, deterministic=True):
+    x_BxTxD = self.embed(tokens_BxT)
+    if self.cfg.positions == 'learned':
+      x_BxTxD = x_BxTxD + self.pos_embed(positions_BxT)
+    return self.embed_drop(x_BxTxD, deterministic=deterministic)
+
+  def head_stack(self, x_BxTxD, positions_BxT, cache=None,
+                 deterministic=True):
+    """The head layers; returns `(x, cache)`."""
+    x_BxTxD, (_, cache) = self.head(x_BxTxD, None, positions_BxT, cache,
+                                    None, deterministic)
+    return x_BxTxD, cache
+
+  def one_cycle(self, x_BxTxD, c, positions_BxT, cache=None, hold=None):
+    """Cycle `c` of the middle stack: `(state, CycleOutput)`."""
+    return self.mid.one_cycle(x_BxTxD, c, positions_BxT, cache, hold)
+
+  def middle_kv(self, h_BxTxD, positions_BxT):
+    return self.mid.kv(h_BxTxD, positions_BxT)
+
+  def exit_head(self, x_BxTxD, positions_BxT, cache=None,
+                deterministic=True):
+    """Tail layers, final norm and LM head: `(logits_BxTxV float32, cache)`.
+    """
+    h_BxTxD, (_, cache) = self.tail(x_BxTxD, None, positions_BxT, cache,
+                                    None, deterministic)
+    h_BxTxD = self.final_norm(h_BxTxD).astype(DTYPES[self.cfg.dtype])
+    if self.cfg.tie_embeddings:
+      logits_BxTxV = self.embed.attend(h_BxTxD)
+    else:
+      logits_BxTxV = self.lm_head(h_BxTxD)
+    return logits_BxTxV.astype(jnp.float32), cache
+
   def __call__(self, tokens_BxT, deterministic: bool = True,
                positions_BxT=None) -> ModelOutput:
     cfg = self.cfg
@@ -640,44 +773,21 @@ class Transformer(nn.Module):
             f'table (model.max_seq_len={cfg.max_seq_len}); lower '
             'data.seq_len')
       positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    embed = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype],
-        param_dtype=DTYPES[cfg.param_dtype],
-        embedding_init=_dense_init(cfg, ('vocab', 'embed')), name='embed')
-    x_BxTxD = embed(tokens_BxT)
-    if cfg.positions == 'learned':
-      x_BxTxD = x_BxTxD + position_embed(cfg)(positions_BxT)
-    x_BxTxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxTxD)
-
-    x_BxTxD, _ = LayerStack(cfg, cfg.head_layers, deterministic, name='head')(
-        x_BxTxD, None, positions_BxT)
-    x_BxTxD, ys_CxBxTxD, a0_CxBxT, g_CxBxT = CycledMiddle(
-        cfg, deterministic, name='mid')(x_BxTxD, positions_BxT)
+    x_BxTxD = self.embed_tokens(tokens_BxT, positions_BxT, deterministic)
+    x_BxTxD, _ = self.head_stack(x_BxTxD, positions_BxT, None, deterministic)
+    x_BxTxD, ys_CxBxTxD, a0_CxBxT, g_CxBxT = self.mid(
+        x_BxTxD, positions_BxT, cfg.exit_heads, deterministic)
 
     # Exit heads: the tail, final norm and LM head after every cycle, run as
     # one batch of C*B sequences; without them only the last state is used.
     c = cfg.cycles if cfg.exit_heads else 1
     h_NxTxD = (ys_CxBxTxD.reshape(c * b, t, -1) if cfg.exit_heads
                else x_BxTxD)
-    h_NxTxD, _ = LayerStack(cfg, cfg.tail_layers, deterministic, name='tail')(
-        h_NxTxD, None, jnp.tile(positions_BxT, (c, 1)))
-    h_NxTxD = norm_layer(cfg, 'final_norm')(h_NxTxD).astype(
-        DTYPES[cfg.dtype])
-    if cfg.tie_embeddings:
-      logits_NxTxV = embed.attend(h_NxTxD)
-    else:
-      logits_NxTxV = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype],
-          param_dtype=DTYPES[cfg.param_dtype],
-          kernel_init=_dense_init(cfg, ('embed', 'vocab')),
-          name='lm_head')(h_NxTxD)
-    logits_CxBxTxV = logits_NxTxV.astype(jnp.float32).reshape(c, b, t, -1)
-
-    out = ModelOutput(
-        logits=logits_CxBxTxV[-1],
-        cycle_logits=logits_CxBxTxV if cfg.exit_heads else None,
-        zero_attention=a0_CxBxT,
-        gate=g_CxBxT)
+    logits_NxTxV, _ = self.exit_head(h_NxTxD, jnp.tile(positions_BxT, (c, 1)),
+                                     None, deterministic)
+    logits_CxBxTxV = logits_NxTxV.reshape(c, b, t, -1)
+    out = ModelOutput(logits=logits_CxBxTxV[-1], cycle_logits=logits_CxBxTxV,
+                      zero_attention=a0_CxBxT, gate=g_CxBxT)
     chex.assert_shape(out.logits, (b, t, cfg.vocab_size))
     return out
 

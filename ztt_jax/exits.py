@@ -1,0 +1,133 @@
+"""Exit heads: the loss over them and the statistics that stop cycling.
+
+Everything that reads the exit heads goes through here: the training loss
+(`train.loss_fn`), validation losses per head (`evaluate.eval_outputs`), the
+exit statistic of a whole-sequence pass (`output_statistics`: ztt-eval's
+thresholds, the training summary) and of one decoding step
+(`generate.forward`), and the rule that turns a statistic into an exit
+(`ExitRule.stops`).
+
+Criteria, after cycle c, per token:
+  zero_attention  mean zero-token mass of cycle c      exits when >= threshold
+  gate            mean gate value of cycle c           exits when <= threshold
+  kl              KL(p_c || p_{c-1}) of successive     exits when <= threshold
+                  exit heads (+inf after cycle 1)
+  fixed           always exits (a row runs exactly `min_cycles`)
+  none            never exits (all C cycles)
+A row (a sequence, or a token when decoding one at a time) exits on the mean
+of its tokens' statistics (`row_mean`); never before `min_cycles`.
+
+Axis names: C cycles, B batch, T time, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ztt_jax import model as model_lib
+from ztt_jax.errors import check
+
+CRITERIA = ('none', 'fixed', 'zero_attention', 'gate', 'kl')
+# Criteria whose statistic exits a row when it is at or *below* a threshold.
+LOW_EXITS = ('gate', 'kl')
+
+
+def cross_entropy(logits_xV: jax.Array, targets_x: jax.Array) -> jax.Array:
+  """Float32 token cross-entropy, same shape as `targets_x`."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_xV.astype(jnp.float32), targets_x)
+
+
+def head_losses(out: model_lib.ModelOutput, targets_BxT) -> jax.Array:
+  """Token cross-entropy of every exit head, [C, B, T] (C = 1 without exit
+  heads: the final output only)."""
+  return cross_entropy(out.cycle_logits, targets_BxT[None])
+
+
+def training_loss(cfg: model_lib.ModelConfig, ce_C: jax.Array) -> jax.Array:
+  """The objective: exit-head losses weighted per `model.exit_loss`."""
+  if not cfg.exit_heads:
+    return ce_C[-1]
+  return jnp.sum(model_lib.exit_weights(cfg) * ce_C)
+
+
+def kl_divergence(logits_xV, prev_logits_xV) -> jax.Array:
+  """KL(p || p_prev) per position, in nats."""
+  logp = jax.nn.log_softmax(logits_xV.astype(jnp.float32))
+  prev = jax.nn.log_softmax(prev_logits_xV.astype(jnp.float32))
+  return jnp.sum(jnp.exp(logp) * (logp - prev), -1)
+
+
+def statistic(criterion: str, zero_attention=None, gate=None, logits=None,
+              prev_logits=None) -> jax.Array | None:
+  """The exit statistic of one cycle (or of every cycle at once: the
+  arguments may carry a leading C axis), per token. `prev_logits=None`
+  means the first cycle (KL is +inf there). None when the criterion needs
+  something this model or step does not have; `fixed` and `none` have no
+  statistic."""
+  if criterion == 'zero_attention':
+    return zero_attention
+  if criterion == 'gate':
+    return gate
+  if criterion == 'kl' and logits is not None:
+    if prev_logits is None:
+      return jnp.full(logits.shape[:-1], jnp.inf)
+    return kl_divergence(logits, prev_logits)
+  return None
+
+
+def output_statistics(out: model_lib.ModelOutput) -> dict[str, jax.Array]:
+  """Every criterion's per-token statistic [C, B, T] from a whole-sequence
+  pass (those the model has; KL needs exit heads)."""
+  stats = {'zero_attention': statistic('zero_attention',
+                                       zero_attention=out.zero_attention),
+           'gate': statistic('gate', gate=out.gate)}
+  if out.cycle_logits.shape[0] > 1:
+    logits = out.cycle_logits
+    stats['kl'] = jnp.concatenate([
+        statistic('kl', logits=logits[:1]),
+        statistic('kl', logits=logits[1:], prev_logits=logits[:-1])])
+  return {k: v for k, v in stats.items() if v is not None}
+
+
+def row_mean(stat_xBxT: jax.Array) -> jax.Array:
+  """A row's statistic (the mean over its tokens), broadcast back to T."""
+  return jnp.broadcast_to(stat_xBxT.mean(-1, keepdims=True), stat_xBxT.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitRule:
+  """When a row stops cycling: `criterion` against a threshold, never
+  before `min_cycles` (see the module docstring)."""
+  criterion: str = 'none'
+  min_cycles: int = 1
+
+  def validate(self, cfg: model_lib.ModelConfig) -> ExitRule:
+    check(self.criterion in CRITERIA,
+          f'exit.criterion={self.criterion!r} is not one of {CRITERIA}')
+    check(1 <= self.min_cycles <= cfg.cycles,
+          f'exit.min_cycles={self.min_cycles} must be in [1, {cfg.cycles}] '
+          '(the model\'s cycles)')
+    check(self.criterion != 'zero_attention' or cfg.zero_pool != 'none',
+          f'exit.criterion=zero_attention needs zero tokens but this '
+          f'{cfg.variant} model has none; use exit.criterion=kl or fixed')
+    check(self.criterion != 'gate' or cfg.gate != 'none',
+          f'exit.criterion=gate needs a gate but this {cfg.variant} model '
+          'has none; use exit.criterion=kl or fixed')
+    return self
+
+  def stops(self, c, stat_BxT: jax.Array | None, threshold,
+            shape_BxT: tuple[int, int]) -> jax.Array:
+    """Whether each row stops after cycle `c` (0-based, maybe traced), from
+    its tokens' statistics [B, T] (None for fixed and none); [B, T]."""
+    if self.criterion in ('fixed', 'none'):
+      passed_BxT = jnp.full(shape_BxT, self.criterion == 'fixed')
+    elif self.criterion in LOW_EXITS:
+      passed_BxT = row_mean(stat_BxT) <= threshold
+    else:
+      passed_BxT = row_mean(stat_BxT) >= threshold
+    return passed_BxT & (c + 1 >= self.min_cycles)
