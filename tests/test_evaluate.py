@@ -36,25 +36,50 @@ def workdir(tmp_path_factory):
   return root / 'run'
 
 
-def test_sweep_matches_the_replay_from_one_pass(workdir):
+def replay(ce_CxB, stat_CxB, tau, low: bool, min_cycles: int = 1):
+  """Sequence-level early exit replayed from one full pass (cycle c's
+  output never depends on later cycles): `(val loss, mean cycles)`."""
+  passed_CxB = stat_CxB <= tau if low else stat_CxB >= tau
+  passed_CxB[:min_cycles - 1] = False
+  passed_CxB[-1] = True
+  exit_B = passed_CxB.argmax(0)  # First cycle that passes.
+  return (ce_CxB[exit_B, np.arange(ce_CxB.shape[1])].mean(),
+          (exit_B + 1).mean())
+
+
+@pytest.mark.parametrize('criterion, min_cycles', [('zero_attention', 1),
+                                                   ('kl', 1),
+                                                   ('zero_attention', 2)])
+def test_sweep_matches_the_replay_from_one_pass(workdir, criterion,
+                                                min_cycles):
   import ztt_jax  # pylint: disable=g-import-not-at-top
   module, params, config = ztt_jax.load(workdir)
   corpus = data.prepare(config.data, str(workdir))
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
       corpus.val_N, config.data.seq_len, 8, 2)]
-  outs = [evaluate.eval_outputs(module, params, b) for b in batches]
-  ce_CxB = np.concatenate([o['ce_CxB'] for o in outs], 1)
-  stat_CxB = np.concatenate([o['zero_attention_CxB'] for o in outs], 1)
-  taus = np.quantile(stat_CxB[:-1], [0.2, 0.5, 0.8])
-  replay = evaluate.early_exit_table(ce_CxB, stat_CxB, taus)
-  real = evaluate.sweep(module.cfg, params, batches, 'zero_attention', taus)
-  assert len(real) == len(replay) == 3 + 3
-  for a, b in zip(real, replay):
-    assert a['mean_cycles'] == pytest.approx(b['mean_cycles'])
-    assert a['val_loss'] == pytest.approx(b['val_loss'], abs=1e-4)
-  assert [r['mean_cycles'] for r in real[:3]] == [1, 2, 3]
-  assert real[3]['mean_cycles'] <= real[4]['mean_cycles'] <= real[5][
-      'mean_cycles']
+  ce_CxB = np.concatenate([evaluate.eval_outputs(module, params, b)['ce_CxB']
+                           for b in batches], 1)
+  stat_CxB = np.concatenate([
+      evaluate.sequence_statistics(module, params, b)[criterion]
+      for b in batches], 1)
+  # Thresholds halfway between observed values: no float32 ties.
+  values = np.unique(stat_CxB[min_cycles - 1:-1])
+  values = values[np.isfinite(values)]
+  i = (np.array([0.2, 0.5, 0.8]) * (len(values) - 1)).astype(int)
+  taus = (values[i] + values[i + 1]) / 2
+  real = evaluate.sweep(module, params, batches, criterion, taus, min_cycles)
+  assert len(real) == 3 + 3
+  for k, row in enumerate(real[:3]):
+    assert row['mean_cycles'] == k + 1
+    assert row['val_loss'] == pytest.approx(ce_CxB[k].mean(), abs=1e-4)
+  low = criterion == 'kl'
+  for tau, row in zip(taus, real[3:]):
+    loss, mean_cycles = replay(ce_CxB, stat_CxB, tau, low, min_cycles)
+    assert row['mean_cycles'] == pytest.approx(mean_cycles)
+    assert row['val_loss'] == pytest.approx(loss, abs=1e-4)
+  cycles = [r['mean_cycles'] for r in real[3:]]
+  assert cycles == sorted(cycles, reverse=low)
+  assert len(set(cycles)) > 1, cycles  # The thresholds really differ.
 
 
 def test_ztt_eval_writes_json_table_and_plot(workdir, capsys):

@@ -1,11 +1,11 @@
-"""Validation loss per exit head, and the early-exit summary.
+"""Validation losses per exit head, and the early-exit trade-off.
 
-The summary replays sequence-level early exit from one full forward pass:
-cycle c's output never depends on later cycles, so stopping a sequence after
-cycle c gives exactly exit head c's loss. The exit statistic is the mean
-zero-token attention of the cycle just finished (DESIGN.md), averaged over
-the sequence's tokens; a sequence stops at the first cycle >= `min_cycles`
-whose statistic reaches the threshold.
+`eval_outputs` is one whole-sequence pass: the loss of every exit head.
+`early_exit_sweep` runs the real early-exit path (`generate.forward`: a
+`while_loop` over cycles, each sequence exiting on its own) for fixed
+depths 1..C and for thresholds of an exit criterion drawn from that
+criterion's own distribution on the same batches; ztt-eval and ztt-train's
+closing summary both print it. Statistics and losses come from exits.py.
 """
 
 from __future__ import annotations
@@ -15,107 +15,50 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from ztt_jax import exits
+from ztt_jax import generate
+from ztt_jax.errors import check
 
-def cross_entropy(logits_xV: jax.Array, targets_x: jax.Array) -> jax.Array:
-  """Float32 token cross-entropy, same shape as `targets_x`."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_xV.astype(jnp.float32), targets_x)
+# Kept here too: the loss every caller of this module reports.
+cross_entropy = exits.cross_entropy
 
 
 def eval_outputs(module, params, batch) -> dict[str, jax.Array]:
-  """Per-sequence losses per exit head and the exit statistic.
-
-  Returns `ce_CxB` (the final head only, C=1, without exit heads) and
-  `zero_attention_CxB` (absent without zero tokens).
-  """
+  """Per-sequence loss of every exit head, `ce_CxB` (C = 1: the final
+  output only, without exit heads)."""
   out = module.apply({'params': params}, batch['inputs'])
-  logits = out.cycle_logits if out.cycle_logits is not None else (
-      out.logits[None])
-  result = {'ce_CxB': cross_entropy(logits, batch['targets'][None]).mean(-1)}
-  if out.zero_attention is not None:
-    result['zero_attention_CxB'] = out.zero_attention.mean(-1)
-  return result
+  return {'ce_CxB': exits.head_losses(out, batch['targets']).mean(-1)}
 
 
-def early_exit_table(ce_CxB: np.ndarray, stat_CxB: np.ndarray | None,
-                     thresholds=(), min_cycles: int = 1) -> list[dict]:
-  """Rows of (fixed depth or threshold) -> val loss, mean cycles, saving."""
-  ce_CxB = np.asarray(ce_CxB)
-  c = ce_CxB.shape[0]
-  rows = [dict(criterion='fixed', fixed_cycles=k + 1,
-               val_loss=float(ce_CxB[k].mean()), mean_cycles=float(k + 1),
-               compute_saved=1 - (k + 1) / c) for k in range(c)]
-  if stat_CxB is None:
-    return rows
-  stat_CxB = np.asarray(stat_CxB)
-  for tau in thresholds:
-    passed_CxB = stat_CxB >= tau
-    passed_CxB[:min_cycles - 1] = False
-    passed_CxB[-1] = True
-    exit_B = passed_CxB.argmax(0)  # First cycle that passes.
-    loss = ce_CxB[exit_B, np.arange(ce_CxB.shape[1])].mean()
-    mean_cycles = float((exit_B + 1).mean())
-    rows.append(dict(criterion='zero_attention', threshold=float(tau),
-                     val_loss=float(loss), mean_cycles=mean_cycles,
-                     compute_saved=1 - mean_cycles / c))
-  return rows
-
-
-def format_table(rows: list[dict]) -> str:
-  lines = ['| exit rule | val loss | mean cycles | middle compute saved |',
-           '|---|---|---|---|']
-  for r in rows:
-    op = '>=' if r['criterion'] == 'zero_attention' else '<='
-    rule = (f"fixed {r['fixed_cycles']} cycles" if r['criterion'] == 'fixed'
-            else f"{r['criterion'].replace('_', ' ')} {op} {r['threshold']:.4g}")
-    lines.append(f"| {rule} | {r['val_loss']:.4f} | {r['mean_cycles']:.2f} "
-                 f"| {100 * r['compute_saved']:.0f}% |")
-  return '\n'.join(lines)
-
-
-# ------------------------------------------------- ztt-eval: the trade-off --
-
-
-def exit_statistics(module, params, batch) -> dict[str, jax.Array]:
-  """Per-sequence exit statistics of every cycle from one full pass, [C, B]:
-  the distributions the threshold sweep is drawn from."""
+def sequence_statistics(module, params, batch) -> dict[str, jax.Array]:
+  """Every exit criterion's per-sequence statistic [C, B] from one full
+  pass (the mean over each sequence's tokens, as its exit rule reads it)."""
   out = module.apply({'params': params}, batch['inputs'])
-  stats = {}
-  if out.zero_attention is not None:
-    stats['zero_attention'] = out.zero_attention.mean(-1)
-  if out.gate is not None:
-    stats['gate'] = out.gate.mean(-1)
-  if out.cycle_logits is not None:
-    logp = jax.nn.log_softmax(out.cycle_logits)
-    kl_CxBxT = jnp.sum(jnp.exp(logp[1:]) * (logp[1:] - logp[:-1]), -1)
-    stats['kl'] = jnp.concatenate(
-        [jnp.full((1,) + kl_CxBxT.shape[1:2], jnp.inf), kl_CxBxT.mean(-1)])
-  return stats
+  return {k: v.mean(-1) for k, v in exits.output_statistics(out).items()}
 
 
-def sweep(cfg, params, batches, criterion: str, thresholds, min_cycles: int = 1
-          ) -> list[dict]:
-  """Val loss and cycles for fixed depths 1..C and each exit threshold.
+def sweep(module, params, batches, criterion: str, thresholds,
+          min_cycles: int = 1, out_sharding=None) -> list[dict]:
+  """Val loss and cycles for fixed depths 1..C and each exit threshold,
+  through the real early-exit loop; one compile for all thresholds.
+  `out_sharding` (e.g. replicated over a mesh) for sharded batches."""
+  cfg = module.cfg
+  rule = exits.ExitRule(criterion, min_cycles).validate(cfg)
 
-  Runs the real early-exit path (`generate.forward`, a `while_loop` over
-  cycles with per-sequence exit), one compile for all thresholds.
-  """
-  from ztt_jax import generate  # pylint: disable=g-import-not-at-top
-  params = generate.model_lib.convert_params(params, scan_layers=True)
-  rule = generate.ExitRule(criterion, min_cycles).validate(cfg)
-
-  @jax.jit
   def run(params, batch, threshold, forced_cycles):
     b, t = batch['inputs'].shape
     positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
     forced = None if forced_cycles is None else jnp.full((b, t),
                                                          forced_cycles)
     logits, cycles_BxT, _ = generate.forward(
-        cfg, params, batch['inputs'], positions_BxT, None, rule, threshold,
-        forced)
-    return cross_entropy(logits, batch['targets']).mean(-1), cycles_BxT[:, 0]
+        module, params, batch['inputs'], positions_BxT, None, rule,
+        threshold, forced)
+    return (exits.cross_entropy(logits, batch['targets']).mean(-1),
+            cycles_BxT[:, 0])
+
+  run = jax.jit(run, **({} if out_sharding is None
+                        else {'out_shardings': out_sharding}))
 
   def evaluate_rule(threshold=0.0, forced=None):
     ce, cycles = zip(*[jax.device_get(run(params, b, jnp.float32(threshold),
@@ -131,6 +74,50 @@ def sweep(cfg, params, batches, criterion: str, thresholds, min_cycles: int = 1
   rows += [dict(criterion=criterion, threshold=float(tau),
                 **evaluate_rule(threshold=float(tau))) for tau in thresholds]
   return rows
+
+
+def early_exit_sweep(module, params, batches, criterion: str = '',
+                     n_thresholds: int = 7, min_cycles: int = 1,
+                     out_sharding=None) -> tuple[str, list[dict]]:
+  """`(criterion, rows)`: `sweep` at `n_thresholds` quantiles (10%..90%)
+  of the criterion's per-sequence statistic over cycles 1..C-1 of
+  `batches`. The default criterion is zero_attention where the model has
+  zero tokens, else kl. Needs a cycled model with exit heads."""
+  cfg = module.cfg
+  check(cfg.cycles > 1, f'this {cfg.variant} model runs one cycle: there is '
+        'nothing to exit early from; evaluate a cycled variant')
+  check(cfg.exit_heads, f'this {cfg.variant} model has no exit heads, so it '
+        'cannot stop after an early cycle; train it with '
+        'model.exit_loss=linear, uniform or last')
+  stats_fn = jax.jit(functools.partial(sequence_statistics, module),
+                     **({} if out_sharding is None
+                        else {'out_shardings': out_sharding}))
+  stats = [jax.device_get(stats_fn(params, b)) for b in batches]
+  criterion = criterion or ('zero_attention' if 'zero_attention' in stats[0]
+                            else 'kl')
+  check(criterion in stats[0], f'exit criterion {criterion!r} is not '
+        f'available for this {cfg.variant} model; use one of '
+        f'{sorted(stats[0])}')
+  pooled = np.concatenate([s[criterion][:-1] for s in stats], axis=1)
+  pooled = pooled[np.isfinite(pooled)]
+  thresholds = np.unique(np.quantile(pooled, np.linspace(0.1, 0.9,
+                                                         n_thresholds)))
+  if criterion in exits.LOW_EXITS:  # Exit when <= threshold: low ones first.
+    thresholds = thresholds[::-1]
+  return criterion, sweep(module, params, batches, criterion, thresholds,
+                          min_cycles, out_sharding)
+
+
+def format_table(rows: list[dict]) -> str:
+  lines = ['| exit rule | val loss | mean cycles | middle compute saved |',
+           '|---|---|---|---|']
+  for r in rows:
+    op = '<=' if r['criterion'] in exits.LOW_EXITS else '>='
+    rule = (f"fixed {r['fixed_cycles']} cycles" if r['criterion'] == 'fixed'
+            else f"{r['criterion'].replace('_', ' ')} {op} {r['threshold']:.4g}")
+    lines.append(f"| {rule} | {r['val_loss']:.4f} | {r['mean_cycles']:.2f} "
+                 f"| {100 * r['compute_saved']:.0f}% |")
+  return '\n'.join(lines)
 
 
 def draw(ax, rows: list[dict], title: str) -> None:
@@ -176,8 +163,6 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
   check(split in ('val', 'train'), f'--split={split!r}: use val or train')
   module, params, config = ztt_jax.load(workdir, step)
   cfg = module.cfg
-  check(cfg.cycles > 1, f'this {cfg.variant} model runs one cycle: there is '
-        'nothing to exit early from; evaluate a cycled variant')
   corpus = data.prepare(config.data, workdir)
   tokens = corpus.val_N if split == 'val' else corpus.train_N
   check(len(tokens) > config.data.seq_len, f'the {split} split has '
@@ -185,19 +170,8 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
   eval_set = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
       tokens, config.data.seq_len, config.train.batch_size,
       batches or config.train.eval_batches)]
-  stats_fn = jax.jit(functools.partial(exit_statistics, module))
-  stats = [jax.device_get(stats_fn(params, b)) for b in eval_set]
-  criterion = criterion or ('zero_attention' if 'zero_attention' in stats[0]
-                            else 'kl')
-  check(criterion in stats[0], f'--criterion={criterion} is not available '
-        f'for this {cfg.variant} model (have {sorted(stats[0])})')
-  pooled = np.concatenate([s[criterion][:-1] for s in stats], axis=1)
-  pooled = pooled[np.isfinite(pooled)]
-  thresholds = np.unique(np.quantile(pooled, np.linspace(0.1, 0.9,
-                                                         n_thresholds)))
-  if criterion in ('gate', 'kl'):  # Exit when <= threshold: low ones first.
-    thresholds = thresholds[::-1]
-  rows = sweep(cfg, params, eval_set, criterion, thresholds, min_cycles)
+  criterion, rows = early_exit_sweep(module, params, eval_set, criterion,
+                                     n_thresholds, min_cycles)
   out_dir = os.path.join(os.path.abspath(workdir), 'eval')
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'early_exit.json'), 'w',

@@ -23,6 +23,7 @@ When a row exits is `exits.ExitRule` (criteria and statistics: exits.py).
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from typing import Any, NamedTuple
 

@@ -33,6 +33,7 @@ from ztt_jax import checkpoint
 from ztt_jax import cli
 from ztt_jax import data
 from ztt_jax import evaluate
+from ztt_jax import exits
 from ztt_jax import generate
 from ztt_jax import metrics as metrics_lib
 from ztt_jax import model as model_lib
@@ -83,15 +84,10 @@ def loss_fn(module, model_cfg: model_lib.ModelConfig, params, batch, rng,
   """Training loss (exit heads weighted per `model.exit_loss`) and metrics."""
   out = module.apply({'params': params}, batch['inputs'],
                      deterministic=deterministic, rngs={'dropout': rng})
-  logits = out.cycle_logits if out.cycle_logits is not None else (
-      out.logits[None])
-  ce_C = evaluate.cross_entropy(logits, batch['targets'][None]).mean((1, 2))
-  if out.cycle_logits is not None:
-    loss = jnp.sum(model_lib.exit_weights(model_cfg) * ce_C)
-  else:
-    loss = ce_C[-1]
+  ce_C = exits.head_losses(out, batch['targets']).mean((1, 2))
+  loss = exits.training_loss(model_cfg, ce_C)
   aux = {'ce': ce_C[-1]}
-  if out.cycle_logits is not None:
+  if model_cfg.exit_heads:
     aux['ce_cycle'] = ce_C
   if out.zero_attention is not None:
     aux['zero_attention'] = out.zero_attention.mean((1, 2))
@@ -314,10 +310,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
       result = {'val_loss': float(ce_CxB[-1].mean())}
       if model_cfg.exit_heads:
         result['val_loss_cycle'] = ce_CxB.mean(1).tolist()
-      result['_ce_CxB'] = ce_CxB
-      if 'zero_attention_CxB' in outs[0]:
-        result['_stat_CxB'] = np.concatenate(
-            [o['zero_attention_CxB'] for o in outs], axis=1)
       return result
 
     step = int(jax.device_get(state.step))
@@ -352,8 +344,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
             row['mfu'] = flops * tps / (peak * len(jax.devices()))
           if do_eval:
             last_eval = run_eval(state.params)
-            row.update({k: v for k, v in last_eval.items()
-                        if not k.startswith('_')})
+            row.update(last_eval)
           writer.console(step, writer.write(step, row))
           t_last, last_log = time.perf_counter(), step
         if signals.received or ckpt.manager.reached_preemption(step):
@@ -377,10 +368,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
       last_eval = run_eval(state.params)
     summary = {'step': step, 'checkpoint': f'{ckpt.directory}/{step}',
                'params': n_params}
-    summary.update({k: v for k, v in last_eval.items()
-                    if not k.startswith('_')})
+    summary.update(last_eval)
     if step == t.steps:
-      _print_summary(writer, setup, state.params, last_eval, summary)
+      _print_summary(writer, setup, state.params, eval_set, summary)
   ckpt.close()
   writer.close()
   return summary
@@ -465,7 +455,7 @@ def _check_same_model(ckpt, step: int, config) -> None:
         f'settings ({changes}); use a new --workdir or the same config')
 
 
-def _print_summary(writer, setup: Setup, params, last_eval, summary):
+def _print_summary(writer, setup: Setup, params, eval_set, summary):
   config = setup.config
   tok = setup.corpus.tokenizer
   if 'val_loss' in summary:
@@ -486,13 +476,14 @@ def _print_summary(writer, setup: Setup, params, last_eval, summary):
     summary['sample'] = tok.decode(new)
     writer.print('--- sample (prompt, then model) ---\n'
                  f'{tok.decode(prompt)}\u2502{summary["sample"]}\n---')
-  if '_ce_CxB' in last_eval and setup.model_cfg.exit_heads:
-    stat = last_eval.get('_stat_CxB')
-    thresholds = () if stat is None else np.quantile(
-        stat[:-1], [0.25, 0.5, 0.75]) if len(stat) > 1 else ()
-    rows = evaluate.early_exit_table(last_eval['_ce_CxB'], stat, thresholds)
+  if eval_set and setup.model_cfg.exit_heads:
+    # The same real early-exit loop as ztt-eval, on the validation batches.
+    criterion, rows = evaluate.early_exit_sweep(
+        setup.module, params, eval_set, n_thresholds=3,
+        out_sharding=sharding.replicated(setup.mesh))
     summary['early_exit'] = rows
-    writer.print('early exit on the validation batches (sequence level):\n'
+    writer.print(f'early exit on the validation batches ({criterion}, per '
+                 'sequence; ztt-eval for more):\n'
                  + evaluate.format_table(rows))
   writer.print(f"checkpoint: {summary['checkpoint']}")
 
