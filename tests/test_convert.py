@@ -129,7 +129,7 @@ def test_vanilla_conversion_reproduces_transformers_logits(kind, hf_dirs,
   # The cached path (generate.forward): two chunks of 24 tokens.
   cfg = module.cfg
   cache = generate.init_cache(cfg, 2, x.shape[1])
-  step = jax.jit(lambda p, t, pos, c: generate.forward(cfg, p, t, pos, c))
+  step = jax.jit(lambda p, t, pos, c: generate.forward(module, p, t, pos, c))
   pos = np.broadcast_to(np.arange(x.shape[1]), x.shape)
   first, _, cache = step(params, x[:, :24], pos[:, :24], cache)
   second, _, _ = step(params, x[:, 24:], pos[:, 24:], cache)

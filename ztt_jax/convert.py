@@ -418,43 +418,20 @@ def build_params(cfg: model_lib.ModelConfig, top, layers, mid_init: str):
 def _middle_statistics(cfg: model_lib.ModelConfig, params, tokens_BxT):
   """Queries and key log-sum-exps of every middle layer in every cycle of
   the head_tail_cycle pass (no zero token, no gate) of these params:
-  `q` [C, L, B, T, H, K] (rotary applied) and `lse` [C, L, B, T, H]."""
-  from ztt_jax import generate  # pylint: disable=g-import-not-at-top
-  b, t = tokens_BxT.shape
-  positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  block = model_lib.Block(cfg)
-  groups = cfg.n_heads // cfg.resolved_kv_heads
-  mask_BxTxS = jnp.tril(jnp.ones((t, t), bool))[None]
-
-  def layer(x_BxTxD, p):
-    v = {'params': p}
-    q_BxTxHxK = block.apply(v, x_BxTxD, positions_BxT, method='queries')
-    k_BxSxGxK, _ = block.apply(v, x_BxTxD, positions_BxT, method='kv')
-    k_BxSxHxK = jnp.repeat(k_BxSxGxK, groups, axis=2)
-    s_BxHxTxS = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK.astype(jnp.float32),
-                           k_BxSxHxK.astype(jnp.float32))
-    s_BxHxTxS = s_BxHxTxS / np.sqrt(cfg.resolved_head_dim)
-    s_BxHxTxS = jnp.where(mask_BxTxS[:, None], s_BxHxTxS, -jnp.inf)
-    lse_BxTxH = jax.nn.logsumexp(s_BxHxTxS, -1).transpose(0, 2, 1)
-    x_BxTxD, _ = block.apply(v, x_BxTxD, None, positions_BxT)
-    return x_BxTxD, (q_BxTxHxK.astype(jnp.float32), lse_BxTxH)
+  `q` [C, L, B, T, H, K] (rotary applied) and `lse` [C, L, B, T, H], as the
+  model's attention sows them (`intermediates`)."""
+  htc = model_lib.build(dataclasses.replace(
+      cfg, variant='head_tail_cycle', zero_pool='none', gate='none',
+      exit_loss='none', scan_layers=True))
 
   @jax.jit
   def run(params, tokens_BxT):
-    x_BxTxD = generate._embed(  # pylint: disable=protected-access
-        cfg, params, tokens_BxT, positions_BxT)
-    if cfg.head_layers:
-      x_BxTxD, _, _ = generate._run_stack(  # pylint: disable=protected-access
-          cfg, params['head']['layers'], x_BxTxD, None, positions_BxT)
-    qs, lses = [], []
-    for _ in range(cfg.cycles):
-      x_BxTxD, (q, lse) = jax.lax.scan(
-          layer, x_BxTxD, params['mid']['cycle']['stack']['layers'])
-      qs.append(q)
-      lses.append(lse)
-    return jnp.stack(qs), jnp.stack(lses)
+    _, state = htc.apply({'params': params}, tokens_BxT,
+                         mutable=['intermediates'])
+    attn = state['intermediates']['mid']['cycle']['stack']['layers']['attn']
+    return attn['queries'][0], attn['key_lse'][0]
 
-  q, lse = run(params, tokens_BxT)
+  q, lse = run(model_lib.convert_params(params, scan_layers=True), tokens_BxT)
   return np.asarray(q), np.asarray(lse)
 
 
