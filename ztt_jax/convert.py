@@ -260,6 +260,16 @@ class _Weights:
           'config.json matches its weights')
 
 
+def _with_lm_head(w: _Weights, cfg, top):
+  """`top` plus the untied LM head [D, V]; a tied model drops any copy."""
+  if cfg.tie_embeddings:
+    w.drop(lambda n: n == 'lm_head.weight')
+  else:
+    top['lm_head'] = {'kernel': w.take('lm_head.weight',
+                                       (cfg.vocab_size, cfg.d_model)).T}
+  return top
+
+
 def _gpt2_layers(w: _Weights, cfg, n_layers):
   d, h, k = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
   f = cfg.resolved_d_ff
@@ -293,12 +303,7 @@ def _gpt2_layers(w: _Weights, cfg, n_layers):
          'pos_embed': {'embedding': w.take(pre + 'wpe.weight',
                                            (cfg.max_seq_len, d))},
          'final_norm': norm(pre + 'ln_f')}
-  if cfg.tie_embeddings:
-    w.drop(lambda n: n == 'lm_head.weight')
-  else:
-    top['lm_head'] = {'kernel': w.take('lm_head.weight',
-                                       (cfg.vocab_size, d)).T}
-  return top, layers
+  return _with_lm_head(w, cfg, top), layers
 
 
 def _llama_layers(w: _Weights, cfg, n_layers):
@@ -342,12 +347,7 @@ def _llama_layers(w: _Weights, cfg, n_layers):
   top = {'embed': {'embedding': w.take('model.embed_tokens.weight',
                                        (cfg.vocab_size, d))},
          'final_norm': {'scale': w.take('model.norm.weight', (d,))}}
-  if cfg.tie_embeddings:
-    w.drop(lambda n: n == 'lm_head.weight')
-  else:
-    top['lm_head'] = {'kernel': w.take('lm_head.weight',
-                                       (cfg.vocab_size, d)).T}
-  return top, layers
+  return _with_lm_head(w, cfg, top), layers
 
 
 # ------------------------------------------------------------ conversion --
