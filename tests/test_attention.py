@@ -74,3 +74,32 @@ def test_rotary_preserves_norm_and_is_relative():
   dots = jnp.einsum('bthk,bshk->bhts', rx, ry)
   dots3 = jnp.einsum('bthk,bshk->bhts', rx3, ry3)
   np.testing.assert_allclose(dots, dots3, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_log_weight_is_position_free_under_uniform_attention():
+  """With every logit equal the zero-token mass is 1/(t+2) at position t,
+  while its weight relative to the mean key weight is 1 (log 0)."""
+  q, k, v, z = random_qkvz(0)
+  positions_1xT = jnp.arange(T)[None]
+  mask = attention.causal_mask(positions_1xT, positions_1xT)
+  _, a0 = run(np.zeros_like(q), k, v, z)
+  np.testing.assert_allclose(a0, np.broadcast_to(
+      1 / (np.arange(T) + 2)[:, None], (T, H)), rtol=1e-6)
+  log_w = attention.zero_log_weight(jnp.asarray(a0)[None], mask)[0]
+  np.testing.assert_allclose(log_w, 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('seed, scale', [(0, 1.0), (1, 3.0)])
+def test_zero_log_weight_is_zero_logit_minus_log_mean_exp(seed, scale):
+  q, k, v, z = random_qkvz(seed, scale)
+  positions_1xT = jnp.arange(T)[None]
+  mask = attention.causal_mask(positions_1xT, positions_1xT)
+  _, a0 = run(q, k, v, z)
+  log_w = np.asarray(attention.zero_log_weight(jnp.asarray(a0)[None],
+                                               mask)[0])
+  s0 = np.einsum('thk,hk->th', q, z) / np.sqrt(K)
+  s = np.einsum('thk,shk->tsh', q, k) / np.sqrt(K)
+  for t in range(T):
+    keys = s[t, :t + 1]  # [t+1, H]
+    ref = s0[t] - np.log(np.mean(np.exp(keys), 0))
+    np.testing.assert_allclose(log_w[t], ref, rtol=1e-4, atol=1e-4)

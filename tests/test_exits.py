@@ -29,6 +29,7 @@ def fake_output(seed=0, c=C):
       logits=None, cycle_logits=jnp.asarray(rng.normal(size=(c, B, T, V)),
                                             jnp.float32),
       zero_attention=jnp.asarray(rng.uniform(size=(c, B, T)), jnp.float32),
+      zero_weight=jnp.asarray(rng.normal(size=(c, B, T)), jnp.float32),
       gate=jnp.asarray(rng.uniform(size=(c, B, T)), jnp.float32))
 
 
@@ -58,7 +59,7 @@ def test_without_exit_heads_the_loss_is_the_final_output():
 def test_output_statistics_against_numpy():
   out = fake_output()
   stats = exits.output_statistics(out)
-  assert set(stats) == {'zero_attention', 'gate', 'kl'}
+  assert set(stats) == {'zero_attention', 'zero_weight', 'gate', 'kl'}
   np.testing.assert_array_equal(stats['gate'], out.gate)
   logp = np_log_softmax(np.asarray(out.cycle_logits, np.float64))
   kl = (np.exp(logp[1:]) * (logp[1:] - logp[:-1])).sum(-1)
@@ -91,4 +92,4 @@ def test_a_real_model_reports_each_statistic_with_its_shape():
   out = net.apply({'params': params}, jnp.zeros((B, T), jnp.int32))
   stats = exits.output_statistics(out)
   assert {k: v.shape for k, v in stats.items()} == {
-      k: (C, B, T) for k in ('zero_attention', 'gate', 'kl')}
+      k: (C, B, T) for k in ('zero_attention', 'zero_weight', 'gate', 'kl')}

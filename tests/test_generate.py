@@ -134,13 +134,14 @@ def test_thresholds_never_and_always_met():
   assert np.all(cycles == 2)
 
 
-def test_per_sequence_exit_freezes_only_exited_sequences():
+@pytest.mark.parametrize('criterion', ['zero_attention', 'zero_weight'])
+def test_per_sequence_exit_freezes_only_exited_sequences(criterion):
   net, params = make('ztt')
   x = tokens()
   out = full_forward(net.cfg, params, x)
-  stat_CxB = np.asarray(out.zero_attention.mean(-1))
+  stat_CxB = np.asarray(getattr(out, criterion).mean(-1))
   tau = float(stat_CxB[0].mean())  # Between the two sequences' statistics.
-  rule = generate.ExitRule('zero_attention', 1)
+  rule = generate.ExitRule(criterion, 1)
   logits, cycles, _ = generate.forward(net, params, x, positions(), rule=rule,
                                        threshold=tau)
   for b in range(B):

@@ -87,6 +87,19 @@ def zero_token_attention(
   return out_BxTxHxK, a0_BxTxH
 
 
+def zero_log_weight(a0_BxTxH: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
+  """The zero token's weight relative to the mean weight of the keys its
+  query sees, in log space: `log(n * a0 / (1 - a0))` with n visible keys,
+  i.e. the zero logit minus the log-mean-exp of the key logits.
+
+  The zero-token mass `a0` is `1 / (n + 1)` under uniform attention, so it
+  falls with position; this statistic is 0 at every position then.
+  """
+  n_BxTx1 = mask_BxTxS.sum(-1, dtype=jnp.float32)[..., None]
+  a0 = jnp.clip(a0_BxTxH.astype(jnp.float32), 1e-30, 1 - 1e-7)
+  return jnp.log(a0) - jnp.log1p(-a0) + jnp.log(n_BxTx1)
+
+
 def write_cache(cache, new, starts_B: jax.Array):
   """Writes `new = (k_BxTxHxK, v_BxTxHxK)` into `cache = (k_BxSxHxK, ...)` at
   slots `starts_B[b] .. starts_B[b] + T - 1` of each row."""

@@ -9,6 +9,9 @@ thresholds, the training summary) and of one decoding step
 
 Criteria, after cycle c, per token:
   zero_attention  mean zero-token mass of cycle c      exits when >= threshold
+  zero_weight     mean log relative weight of the      exits when >= threshold
+                  zero token in cycle c (position-free,
+                  attention.zero_log_weight)
   gate            mean gate value of cycle c           exits when <= threshold
   kl              KL(p_c || p_{c-1}) of successive     exits when <= threshold
                   exit heads (+inf after cycle 1)
@@ -31,7 +34,8 @@ import optax
 from ztt_jax import model as model_lib
 from ztt_jax.errors import check
 
-CRITERIA = ('none', 'fixed', 'zero_attention', 'gate', 'kl')
+CRITERIA = ('none', 'fixed', 'zero_attention', 'zero_weight', 'gate', 'kl')
+ZERO_CRITERIA = ('zero_attention', 'zero_weight')  # Need zero tokens.
 # Criteria whose statistic exits a row when it is at or *below* a threshold.
 LOW_EXITS = ('gate', 'kl')
 
@@ -62,17 +66,16 @@ def kl_divergence(logits_xV, prev_logits_xV) -> jax.Array:
   return jnp.sum(jnp.exp(logp) * (logp - prev), -1)
 
 
-def statistic(criterion: str, zero_attention=None, gate=None, logits=None,
-              prev_logits=None) -> jax.Array | None:
-  """The exit statistic of one cycle (or of every cycle at once: the
-  arguments may carry a leading C axis), per token. `prev_logits=None`
-  means the first cycle (KL is +inf there). None when the criterion needs
-  something this model or step does not have; `fixed` and `none` have no
-  statistic."""
-  if criterion == 'zero_attention':
-    return zero_attention
-  if criterion == 'gate':
-    return gate
+def statistic(criterion: str, source, logits=None, prev_logits=None
+              ) -> jax.Array | None:
+  """The exit statistic per token after a cycle, from `source` (a
+  `model.CycleOutput` of a decoding step, or a `model.ModelOutput`, whose
+  fields carry a leading C axis: every cycle at once) and, for KL, this and
+  the previous exit head's logits (`prev_logits=None`: the first cycle,
+  where KL is +inf). None when the model lacks what the criterion reads;
+  `fixed` and `none` have no statistic."""
+  if criterion in ZERO_CRITERIA or criterion == 'gate':
+    return getattr(source, criterion)
   if criterion == 'kl' and logits is not None:
     if prev_logits is None:
       return jnp.full(logits.shape[:-1], jnp.inf)
@@ -83,14 +86,12 @@ def statistic(criterion: str, zero_attention=None, gate=None, logits=None,
 def output_statistics(out: model_lib.ModelOutput) -> dict[str, jax.Array]:
   """Every criterion's per-token statistic [C, B, T] from a whole-sequence
   pass (those the model has; KL needs exit heads)."""
-  stats = {'zero_attention': statistic('zero_attention',
-                                       zero_attention=out.zero_attention),
-           'gate': statistic('gate', gate=out.gate)}
+  stats = {k: statistic(k, out) for k in (*ZERO_CRITERIA, 'gate')}
   if out.cycle_logits.shape[0] > 1:
     logits = out.cycle_logits
     stats['kl'] = jnp.concatenate([
-        statistic('kl', logits=logits[:1]),
-        statistic('kl', logits=logits[1:], prev_logits=logits[:-1])])
+        statistic('kl', out, logits[:1]),
+        statistic('kl', out, logits[1:], logits[:-1])])
   return {k: v for k, v in stats.items() if v is not None}
 
 
@@ -112,8 +113,8 @@ class ExitRule:
     check(1 <= self.min_cycles <= cfg.cycles,
           f'exit.min_cycles={self.min_cycles} must be in [1, {cfg.cycles}] '
           '(the model\'s cycles)')
-    check(self.criterion != 'zero_attention' or cfg.zero_pool != 'none',
-          f'exit.criterion=zero_attention needs zero tokens but this '
+    check(self.criterion not in ZERO_CRITERIA or cfg.zero_pool != 'none',
+          f'exit.criterion={self.criterion} needs zero tokens but this '
           f'{cfg.variant} model has none; use exit.criterion=kl or fixed')
     check(self.criterion != 'gate' or cfg.gate != 'none',
           f'exit.criterion=gate needs a gate but this {cfg.variant} model '

@@ -123,8 +123,7 @@ def forward(module: model_lib.Transformer, params, tokens_BxT, positions_BxT,
       if rule.criterion == 'kl':
         logits, _ = call(Transformer.exit_head, x_BxTxD, positions_BxT,
                          tail_cache)
-      stat_BxT = exits.statistic(rule.criterion, out.zero_attention,
-                                 out.gate, logits, prev_logits)
+      stat_BxT = exits.statistic(rule.criterion, out, logits, prev_logits)
       if rule.criterion == 'kl':  # No previous exit head before cycle 1.
         stat_BxT = jnp.where(c > 0, stat_BxT, jnp.inf)
         prev_logits = logits

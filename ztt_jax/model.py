@@ -238,7 +238,18 @@ class ModelOutput:
   # only) for a model without exit heads. cycle_logits[-1] == logits.
   cycle_logits: jax.Array
   zero_attention: jax.Array | None = None  # [C, B, T] mean over heads, layers.
+  # [C, B, T]: log of the zero token's weight relative to the mean key
+  # weight (attention.zero_log_weight), mean over heads and layers.
+  zero_weight: jax.Array | None = None
   gate: jax.Array | None = None  # [C, B, T] gate value per cycle.
+
+
+@flax.struct.dataclass
+class ZeroStats:
+  """What a layer's attention reports about its zero token, per head or
+  meaned: the softmax mass on it and its log relative weight."""
+  mass: jax.Array
+  log_weight: jax.Array
 
 
 def _dense_init(cfg: ModelConfig, axes: tuple[str, ...], scale: float = 1.0):
@@ -375,7 +386,9 @@ class Attention(nn.Module):
       ).transpose(0, 2, 1))
     out_BxTxHxK, a0_BxTxH = attention.zero_token_attention(
         q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, zero_key_HxK)
-    return self.out(out_BxTxHxK), a0_BxTxH, cache
+    zero = None if a0_BxTxH is None else ZeroStats(
+        a0_BxTxH, attention.zero_log_weight(a0_BxTxH, mask_BxTxS))
+    return self.out(out_BxTxHxK), zero, cache
 
 
 class Mlp(nn.Module):
@@ -416,9 +429,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """Pre-norm decoder layer.
 
-  `__call__` returns `(x, (a0_BxT, cache))` whatever the config: `a0` is the
-  zero-token mass meaned over heads (None without a zero key), `cache` the
-  updated `(k, v)` (None without one). `hold = (done_BxT, h_BxTxD)` makes
+  `__call__` returns `(x, (zero, cache))` whatever the config: `zero` the
+  `ZeroStats` meaned over heads, [B, T] each (None without a zero key),
+  `cache` the updated `(k, v)` (None without one). `hold = (done_BxT, h_BxTxD)` makes
   the done positions read `h` instead of `x` (the state propagation of
   tokens that exited, see `generate.forward`).
   """
@@ -447,7 +460,7 @@ class Block(nn.Module):
     if hold is not None:
       done_BxT, h_BxTxD = hold
       x_BxTxD = jnp.where(done_BxT[..., None], h_BxTxD, x_BxTxD)
-    h_BxTxD, a0_BxTxH, cache = self.attn(
+    h_BxTxD, zero, cache = self.attn(
         self._normed(self.attn_norm, x_BxTxD), zero_key_HxK, positions_BxT,
         cache)
     x_BxTxD = x_BxTxD + self.drop(h_BxTxD, deterministic=deterministic)
@@ -455,8 +468,8 @@ class Block(nn.Module):
     x_BxTxD = x_BxTxD + self.drop(h_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(
         x_BxTxD, ('activation_batch', 'activation_length', 'activation_embed'))
-    a0_BxT = None if a0_BxTxH is None else a0_BxTxH.mean(-1)
-    return x_BxTxD, (a0_BxT, cache)
+    zero = jax.tree.map(lambda a: a.mean(-1), zero)
+    return x_BxTxD, (zero, cache)
 
 
 def remat_policy(name: str):
@@ -473,7 +486,7 @@ class LayerStack(nn.Module):
 
   Scanned params are stacked on a leading 'layers' axis under `layers`;
   unrolled ones are `layers_0`, `layers_1`, ... (see `convert_params`).
-  Per-layer inputs and outputs (zero keys, KV cache, a0) carry a leading
+  Per-layer inputs and outputs (zero keys, KV cache, ZeroStats) carry a leading
   layer axis L either way.
   """
   cfg: ModelConfig
@@ -502,7 +515,7 @@ class LayerStack(nn.Module):
 
   def __call__(self, x_BxTxD, zero_keys_LxHxK, positions_BxT, cache=None,
                hold=None, deterministic=True):
-    """Returns `(x, (a0_LxBxT or None, cache or None))`."""
+    """Returns `(x, (ZeroStats [L, B, T] or None, cache or None))`."""
     if self.n_layers == 0:
       return x_BxTxD, (None, cache)
     if self.cfg.scan_layers:
@@ -551,6 +564,7 @@ def apply_gate(cfg: ModelConfig, x_BxTxD, y_BxTxD, gate_w_D, gate_b):
 class CycleOutput:
   """What one cycle reports besides its output state."""
   zero_attention: jax.Array | None  # [B, T] mean over heads and layers.
+  zero_weight: jax.Array | None  # [B, T] mean over heads and layers.
   gate: jax.Array | None  # [B, T].
   cache: Any = None  # This cycle's (k, v), each [L, B, S, G, K].
 
@@ -568,12 +582,15 @@ class Cycle(nn.Module):
 
   def __call__(self, x_BxTxD, xs, positions_BxT, cache=None, hold=None,
                deterministic=True) -> tuple[jax.Array, CycleOutput]:
-    y_BxTxD, (a0_LxBxT, cache) = self.stack(
+    y_BxTxD, (zero_L, cache) = self.stack(
         x_BxTxD, xs['zero_keys'], positions_BxT, cache, hold, deterministic)
     y_BxTxD, g_BxT = apply_gate(self.cfg, x_BxTxD, y_BxTxD, xs['gate_w'],
                                 xs['gate_b'])
-    a0_BxT = None if a0_LxBxT is None else a0_LxBxT.mean(0)
-    return y_BxTxD, CycleOutput(a0_BxT, g_BxT, cache)
+    zero = jax.tree.map(lambda a: a.mean(0), zero_L)
+    return y_BxTxD, CycleOutput(
+        zero_attention=None if zero is None else zero.mass,
+        zero_weight=None if zero is None else zero.log_weight,
+        gate=g_BxT, cache=cache)
 
 
 def expand_pool(cfg: ModelConfig, pool):
@@ -655,16 +672,15 @@ class CycledMiddle(nn.Module):
 
   def __call__(self, x_BxTxD, positions_BxT, keep_states: bool,
                deterministic=True):
-    """Every cycle. Returns `(x, states_CxBxTxD or None, a0_CxBxT or None,
-    gate_CxBxT or None)`; the states (every cycle's output) only with
-    `keep_states`."""
+    """Every cycle. Returns `(x, states_CxBxTxD or None, CycleOutput with a
+    leading C axis and no cache)`; the states (every cycle's output) only
+    with `keep_states`."""
     cfg = self.cfg
 
     def body(cycle, x_BxTxD, xs):
       y_BxTxD, out = cycle(x_BxTxD, xs, positions_BxT, None, None,
                            deterministic)
-      return y_BxTxD, (y_BxTxD if keep_states else None, out.zero_attention,
-                       out.gate)
+      return y_BxTxD, (y_BxTxD if keep_states else None, out)
 
     xs = self.cycle_inputs()
     if cfg.scan_layers:
@@ -775,7 +791,7 @@ class Transformer(nn.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
     x_BxTxD = self.embed_tokens(tokens_BxT, positions_BxT, deterministic)
     x_BxTxD, _ = self.head_stack(x_BxTxD, positions_BxT, None, deterministic)
-    x_BxTxD, ys_CxBxTxD, a0_CxBxT, g_CxBxT = self.mid(
+    x_BxTxD, ys_CxBxTxD, cycles_C = self.mid(
         x_BxTxD, positions_BxT, cfg.exit_heads, deterministic)
 
     # Exit heads: the tail, final norm and LM head after every cycle, run as
@@ -787,7 +803,8 @@ class Transformer(nn.Module):
                                      None, deterministic)
     logits_CxBxTxV = logits_NxTxV.reshape(c, b, t, -1)
     out = ModelOutput(logits=logits_CxBxTxV[-1], cycle_logits=logits_CxBxTxV,
-                      zero_attention=a0_CxBxT, gate=g_CxBxT)
+                      zero_attention=cycles_C.zero_attention,
+                      zero_weight=cycles_C.zero_weight, gate=cycles_C.gate)
     chex.assert_shape(out.logits, (b, t, cfg.vocab_size))
     return out
 
