@@ -60,7 +60,7 @@ def test_sweep_matches_the_replay_from_one_pass(workdir, criterion,
   ce_CxB = np.concatenate([evaluate.eval_outputs(module, params, b)['ce_CxB']
                            for b in batches], 1)
   stat_CxB = np.concatenate([
-      evaluate.sequence_statistics(module, params, b)[criterion]
+      evaluate.token_statistics(module, params, b)[criterion].mean(-1)
       for b in batches], 1)
   # Thresholds halfway between observed values: no float32 ties.
   values = np.unique(stat_CxB[min_cycles - 1:-1])
@@ -82,6 +82,36 @@ def test_sweep_matches_the_replay_from_one_pass(workdir, criterion,
   assert len(set(cycles)) > 1, cycles  # The thresholds really differ.
 
 
+def test_per_token_sweep_decodes_with_the_cache(workdir):
+  """Per-token exits through cached decoding: a fixed depth k gives exit
+  head k's loss (every earlier token ran those k cycles too), the random
+  baseline deals out the rule's own cycles, and what the loop ran is at
+  least the mean."""
+  import ztt_jax  # pylint: disable=g-import-not-at-top
+  module, params, config = ztt_jax.load(workdir)
+  corpus = data.prepare(config.data, str(workdir))
+  batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
+      corpus.val_N, config.data.seq_len, 4, 2)]
+  ce_C = np.mean([evaluate.eval_outputs(module, params, b)['ce_CxB']
+                  for b in batches], axis=(0, 2))
+  criterion, rows = evaluate.early_exit_sweep(
+      module, params, batches, 'zero_weight', n_thresholds=2, per='token',
+      random_baseline=True)
+  assert criterion == 'zero_weight'
+  fixed = [r for r in rows if r['criterion'] == 'fixed']
+  for k, row in enumerate(fixed):
+    assert row['per'] == 'token' and row['mean_cycles'] == k + 1
+    assert row['val_loss'] == pytest.approx(ce_C[k], abs=1e-4)
+  ruled = [r for r in rows if r['criterion'] == 'zero_weight']
+  random = [r for r in rows if r['criterion'] == 'random']
+  assert len(ruled) == len(random) == 2
+  for r, rand in zip(ruled, random):
+    assert rand['matches'] == r['threshold']
+    assert rand['mean_cycles'] == pytest.approx(r['mean_cycles'])
+    assert r['mean_cycles'] <= r['cycles_run'] <= 3
+    assert r['compute_saved'] == pytest.approx(1 - r['cycles_run'] / 3)
+
+
 def test_ztt_eval_writes_json_table_and_plot(workdir, capsys):
   rows = evaluate.run_eval(str(workdir), batches=2)
   out_dir = workdir / 'eval'
@@ -91,7 +121,8 @@ def test_ztt_eval_writes_json_table_and_plot(workdir, capsys):
     assert {'criterion', 'val_loss', 'mean_cycles', 'compute_saved'} <= set(
         row)
     assert ('threshold' in row) != ('fixed_cycles' in row)
-    assert row['compute_saved'] == pytest.approx(1 - row['mean_cycles'] / 3)
+    assert row['compute_saved'] == pytest.approx(1 - row['cycles_run'] / 3)
+    assert row['mean_cycles'] <= row['cycles_run'] + 1e-9
   assert (out_dir / 'early_exit.png').read_bytes()[:4] == b'\x89PNG'
   assert '| fixed 3 cycles |' in (out_dir / 'early_exit.md').read_text()
   assert 'wrote' in capsys.readouterr().out

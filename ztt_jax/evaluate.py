@@ -31,65 +31,126 @@ def eval_outputs(module, params, batch) -> dict[str, jax.Array]:
   return {'ce_CxB': exits.head_losses(out, batch['targets']).mean(-1)}
 
 
-def sequence_statistics(module, params, batch) -> dict[str, jax.Array]:
-  """Every exit criterion's per-sequence statistic [C, B] from one full
-  pass (the mean over each sequence's tokens, as its exit rule reads it)."""
+def token_statistics(module, params, batch) -> dict[str, jax.Array]:
+  """Every exit criterion's per-token statistic [C, B, T] from one full
+  pass (exits.output_statistics)."""
   out = module.apply({'params': params}, batch['inputs'])
-  return {k: v.mean(-1) for k, v in exits.output_statistics(out).items()}
+  return exits.output_statistics(out)
+
+
+PER = ('sequence', 'token')
+
+
+def _pass_fn(module, rule: exits.ExitRule, per: str):
+  """`run(params, batch, threshold, forced_BxT or None)` -> `(ce_BxT,
+  cycles_BxT, cycles_run)` through the real early-exit loop: one call of
+  `generate.forward` per batch (`per='sequence'`: each sequence exits on
+  its own), or token by token with the KV cache (`per='token'`: each token
+  exits on its own, as when generating). `cycles_run` is what the loop
+  really ran: per call, the cycles of the row that exited last (a
+  `while_loop` runs until every row stops), averaged over calls."""
+
+  def sequence_pass(params, batch, threshold, forced_BxT):
+    b, t = batch['inputs'].shape
+    positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits_BxTxV, cycles_BxT, _ = generate.forward(
+        module, params, batch['inputs'], positions_BxT, None, rule,
+        threshold, forced_BxT)
+    return (exits.cross_entropy(logits_BxTxV, batch['targets']), cycles_BxT,
+            cycles_BxT.max().astype(jnp.float32))
+
+  def token_pass(params, batch, threshold, forced_BxT):
+    b, t = batch['inputs'].shape
+    column = lambda a, i: jax.lax.dynamic_slice_in_dim(a, i, 1, axis=1)
+
+    def step(cache, i):
+      forced = None if forced_BxT is None else column(forced_BxT, i)
+      logits_Bx1xV, cycles_Bx1, cache = generate.forward(
+          module, params, column(batch['inputs'], i), jnp.full((b, 1), i),
+          cache, rule, threshold, forced)
+      return cache, (logits_Bx1xV[:, 0], cycles_Bx1[:, 0])
+
+    _, (logits_TxBxV, cycles_TxB) = jax.lax.scan(
+        step, generate.init_cache(module.cfg, b, t), jnp.arange(t))
+    ce_BxT = exits.cross_entropy(logits_TxBxV, batch['targets'].T).T
+    return ce_BxT, cycles_TxB.T, cycles_TxB.max(1).astype(jnp.float32).mean()
+
+  return {'sequence': sequence_pass, 'token': token_pass}[per]
 
 
 def sweep(module, params, batches, criterion: str, thresholds,
-          min_cycles: int = 1, out_sharding=None) -> list[dict]:
+          min_cycles: int = 1, per: str = 'sequence', random_baseline=False,
+          seed: int = 0, out_sharding=None) -> list[dict]:
   """Val loss and cycles for fixed depths 1..C and each exit threshold,
-  through the real early-exit loop; one compile for all thresholds.
-  `out_sharding` (e.g. replicated over a mesh) for sharded batches."""
+  through the real early-exit loop (`_pass_fn`); one compile for all.
+
+  With `random_baseline`, every threshold's row gets a twin that exits at
+  random with the same distribution of cycles (the rule's cycles, shuffled
+  over rows): what the rule's choice of *which* rows exit is worth.
+  `out_sharding` (e.g. replicated over a mesh) for sharded batches.
+  """
   cfg = module.cfg
+  check(per in PER, f'per={per!r} is not one of {PER}')
   rule = exits.ExitRule(criterion, min_cycles).validate(cfg)
-
-  def run(params, batch, threshold, forced_cycles):
-    b, t = batch['inputs'].shape
-    positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    forced = None if forced_cycles is None else jnp.full((b, t),
-                                                         forced_cycles)
-    logits, cycles_BxT, _ = generate.forward(
-        module, params, batch['inputs'], positions_BxT, None, rule,
-        threshold, forced)
-    return (exits.cross_entropy(logits, batch['targets']).mean(-1),
-            cycles_BxT[:, 0])
-
-  run = jax.jit(run, **({} if out_sharding is None
-                        else {'out_shardings': out_sharding}))
+  run = jax.jit(_pass_fn(module, rule, per),
+                **({} if out_sharding is None
+                   else {'out_shardings': out_sharding}))
 
   def evaluate_rule(threshold=0.0, forced=None):
-    ce, cycles = zip(*[jax.device_get(run(params, b, jnp.float32(threshold),
-                                          forced)) for b in batches])
-    ce, cycles = np.concatenate(ce), np.concatenate(cycles)
-    mean_cycles = float(cycles.mean())
-    return dict(val_loss=float(ce.mean()), mean_cycles=mean_cycles,
-                compute_saved=1 - mean_cycles / cfg.cycles)
+    outs = [jax.device_get(run(params, b, jnp.float32(threshold),
+                               None if forced is None else forced[i]))
+            for i, b in enumerate(batches)]
+    cycles = [o[1] for o in outs]
+    return dict(per=per, val_loss=float(np.mean([o[0] for o in outs])),
+                mean_cycles=float(np.mean(cycles)),
+                cycles_run=float(np.mean([o[2] for o in outs])),
+                ), cycles
 
-  rows = [dict(criterion='fixed', fixed_cycles=k,
-               **evaluate_rule(forced=jnp.int32(k)))
+  def row(**fields):
+    stats = fields.pop('stats')
+    return dict(**fields, **stats,
+                compute_saved=1 - stats['cycles_run'] / cfg.cycles)
+
+  shape = lambda b: b['inputs'].shape
+  rows = [row(criterion='fixed', fixed_cycles=k, stats=evaluate_rule(
+      forced=[jnp.full(shape(b), k, jnp.int32) for b in batches])[0])
           for k in range(1, cfg.cycles + 1)]
-  rows += [dict(criterion=criterion, threshold=float(tau),
-                **evaluate_rule(threshold=float(tau))) for tau in thresholds]
+  rng = np.random.default_rng(seed)
+  for tau in thresholds:
+    stats, cycles = evaluate_rule(threshold=float(tau))
+    rows.append(row(criterion=criterion, threshold=float(tau), stats=stats))
+    if random_baseline:
+      # The same cycles, dealt to rows (sequences or tokens) at random.
+      flat = rng.permutation(np.concatenate([c.ravel() for c in cycles]))
+      if per == 'sequence':  # A sequence runs one depth throughout.
+        flat = rng.permutation(np.concatenate([c[:, 0] for c in cycles]))
+        flat = np.repeat(flat[:, None], cycles[0].shape[1], 1)
+      split = np.split(flat.reshape(-1), np.cumsum(
+          [c.size for c in cycles])[:-1])
+      forced = [jnp.asarray(s.reshape(c.shape)) for s, c in zip(split,
+                                                                cycles)]
+      rows.append(row(criterion='random', matches=float(tau),
+                      stats=evaluate_rule(forced=forced)[0]))
   return rows
 
 
 def early_exit_sweep(module, params, batches, criterion: str = '',
                      n_thresholds: int = 7, min_cycles: int = 1,
+                     per: str = 'sequence', random_baseline: bool = False,
                      out_sharding=None) -> tuple[str, list[dict]]:
   """`(criterion, rows)`: `sweep` at `n_thresholds` quantiles (10%..90%)
-  of the criterion's per-sequence statistic over cycles 1..C-1 of
-  `batches`. The default criterion is zero_attention where the model has
-  zero tokens, else kl. Needs a cycled model with exit heads."""
+  of the criterion's statistic over cycles 1..C-1 of `batches`, per
+  sequence (its mean over tokens) or per token, as `per` exits. The
+  default criterion is zero_attention where the model has zero tokens,
+  else kl. Needs a cycled model with exit heads."""
   cfg = module.cfg
+  check(per in PER, f'per={per!r} is not one of {PER}')
   check(cfg.cycles > 1, f'this {cfg.variant} model runs one cycle: there is '
         'nothing to exit early from; evaluate a cycled variant')
   check(cfg.exit_heads, f'this {cfg.variant} model has no exit heads, so it '
         'cannot stop after an early cycle; train it with '
         'model.exit_loss=linear, uniform or last')
-  stats_fn = jax.jit(functools.partial(sequence_statistics, module),
+  stats_fn = jax.jit(functools.partial(token_statistics, module),
                      **({} if out_sharding is None
                         else {'out_shardings': out_sharding}))
   stats = [jax.device_get(stats_fn(params, b)) for b in batches]
@@ -98,25 +159,32 @@ def early_exit_sweep(module, params, batches, criterion: str = '',
   check(criterion in stats[0], f'exit criterion {criterion!r} is not '
         f'available for this {cfg.variant} model; use one of '
         f'{sorted(stats[0])}')
-  pooled = np.concatenate([s[criterion][:-1] for s in stats], axis=1)
+  per_row = (lambda s: s) if per == 'token' else (lambda s: s.mean(-1))
+  pooled = np.concatenate([per_row(s[criterion][:-1]).ravel()
+                           for s in stats])
   pooled = pooled[np.isfinite(pooled)]
   thresholds = np.unique(np.quantile(pooled, np.linspace(0.1, 0.9,
                                                          n_thresholds)))
   if criterion in exits.LOW_EXITS:  # Exit when <= threshold: low ones first.
     thresholds = thresholds[::-1]
   return criterion, sweep(module, params, batches, criterion, thresholds,
-                          min_cycles, out_sharding)
+                          min_cycles, per, random_baseline,
+                          out_sharding=out_sharding)
 
 
 def format_table(rows: list[dict]) -> str:
-  lines = ['| exit rule | val loss | mean cycles | middle compute saved |',
-           '|---|---|---|---|']
+  lines = ['| exit rule | val loss | mean cycles | cycles run | middle '
+           'compute saved |', '|---|---|---|---|---|']
   for r in rows:
-    op = '<=' if r['criterion'] in exits.LOW_EXITS else '>='
-    rule = (f"fixed {r['fixed_cycles']} cycles" if r['criterion'] == 'fixed'
-            else f"{r['criterion'].replace('_', ' ')} {op} {r['threshold']:.4g}")
+    if r['criterion'] == 'fixed':
+      rule = f"fixed {r['fixed_cycles']} cycles"
+    elif r['criterion'] == 'random':
+      rule = 'random, same cycles as the row above'
+    else:
+      op = '<=' if r['criterion'] in exits.LOW_EXITS else '>='
+      rule = f"{r['criterion'].replace('_', ' ')} {op} {r['threshold']:.4g}"
     lines.append(f"| {rule} | {r['val_loss']:.4f} | {r['mean_cycles']:.2f} "
-                 f"| {100 * r['compute_saved']:.0f}% |")
+                 f"| {r['cycles_run']:.2f} | {100 * r['compute_saved']:.0f}% |")
   return '\n'.join(lines)
 
 
