@@ -8,7 +8,8 @@
 runs (here 6), each in `WORKDIR/<field>=<value>,...`, run one after another
 with `python -m ztt_jax.commands.train` (or printed with `--dry_run`;
 `--launcher` puts another launcher in front, e.g. `--launcher=
-'launch/tpu_pod.sh --tpu=my-v5e --zone=us-west4-a --'`). Arguments after `--` go to every run.
+'launch/tpu_pod.sh --tpu=my-v5e --zone=us-west4-a --'`). Arguments after
+`--` go to every run.
 When the runs are done (or with `--summarize` alone, for runs that finished
 elsewhere) it prints a table of each run's final `val_loss` from its
 `metrics.jsonl` and writes it to `WORKDIR/summary.md` and `summary.json`.

@@ -40,8 +40,8 @@ COMMANDS = {
 def run(command: str, *args: str) -> subprocess.CompletedProcess:
   module = COMMANDS[command][0].__name__
   return subprocess.run([sys.executable, '-m', module, *args],
-                        capture_output=True, text=True, cwd=REPO,
-                        timeout=120, env={**os.environ, 'PYTHONPATH': str(REPO)})
+                        capture_output=True, text=True, cwd=REPO, timeout=120,
+                        env={**os.environ, 'PYTHONPATH': str(REPO)})
 
 
 @pytest.mark.parametrize('command, help_flag', [

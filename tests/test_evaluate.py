@@ -149,7 +149,8 @@ def test_ztt_eval_needs_cycles_and_exit_heads(tmp_path, variant, exit_loss,
   config.model.update(vocab_size=64, exit_loss=exit_loss)
   abstract = model.abstract_params(model.build(config.model))
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  convert._save(str(tmp_path / 'run'), config, params)  # pylint: disable=protected-access
+  convert._save(  # pylint: disable=protected-access
+      str(tmp_path / 'run'), config, params)
   with pytest.raises(ConfigError, match=message) as e:
     evaluate.run_eval(str(tmp_path / 'run'))
   assert '\n' not in str(e.value)

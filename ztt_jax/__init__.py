@@ -23,8 +23,10 @@ def load(workdir, step: int | None = None,
   are placed on the default device.
   """
   # Imported here so `import ztt_jax` stays light.
-  import jax  # pylint: disable=g-import-not-at-top
-  from ztt_jax import checkpoint, configlib, model  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from ztt_jax import checkpoint, configlib, model
+  # pylint: enable=g-import-not-at-top
   config, step = checkpoint.read_config(workdir, step)
   config = configlib.override(config, overrides or {})
   fixed = [k for k in overrides or () if k.startswith('model.')
