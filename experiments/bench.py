@@ -29,7 +29,7 @@ BENCHES = {
                  '--steps=5', '--warmup=1'],
 }
 COMMON = ['--baseline=head_tail_cycle', '--compile_cycles=2,8', '--steps=50']
-# (absl takes the last of a repeated flag, so a row may override --steps.)
+# (ztt-bench takes the last of a repeated flag: a row may override --steps.)
 
 
 def command(extra: list[str]) -> list[str]:

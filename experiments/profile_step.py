@@ -23,6 +23,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 from configs import shakespeare_char  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ztt_jax import configlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ztt_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS = 5
@@ -32,12 +33,8 @@ CONTAINERS = ('while', 'ThunkExecutor', 'conditional', 'call')
 def profile(variant: str, overrides: list[str]) -> str:
   config = shakespeare_char.get_config(variant)
   config.model.vocab_size = 65
-  for item in overrides:
-    key, value = item.removeprefix('--config.').split('=', 1)
-    section, name = key.split('.')
-    old = config[section][name]
-    config[section][name] = ((value == 'True') if isinstance(old, bool)
-                             else type(old)(value))
+  config = configlib.override(config, dict(
+      item.removeprefix('--config.').split('=', 1) for item in overrides))
   setup = train.Setup(config, None)
   step_fn, _, shardings, _ = setup.jit_train_step()
   b, t = config.train.batch_size, config.data.seq_len

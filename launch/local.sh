@@ -17,8 +17,8 @@ Options:
                 to try a data/fsdp/tensor mesh without an accelerator
   --dry_run     print the command instead of running it
   -h, --help    this help
-Every other argument goes to ztt-train (see ztt_jax/train.py).
-Environment: PYTHON (default python3) runs `-m ztt_jax.train`.
+Every other argument goes to ztt-train (ztt-train --help lists them).
+Environment: PYTHON (default python3) runs `-m ztt_jax.commands.train`.
 USAGE
 }
 
@@ -44,7 +44,7 @@ cmd=()
 if [[ -n "$devices" ]]; then
   cmd+=(env JAX_PLATFORMS=cpu "JAX_NUM_CPU_DEVICES=$devices")
 fi
-cmd+=("${PYTHON:-python3}" -m ztt_jax.train "${args[@]}")
+cmd+=("${PYTHON:-python3}" -m ztt_jax.commands.train "${args[@]}")
 
 if ((dry_run)); then
   printf '%q ' "${cmd[@]}" | sed 's/ $//'

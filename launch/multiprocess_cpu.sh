@@ -25,7 +25,7 @@ Options:
   --devices_per_process=D  CPU devices per process (default 2)
   --port=PORT              coordinator port (default: a free port)
   --program="CMD ..."      what each process runs (default:
-                           "$PYTHON -m ztt_jax.train", PYTHON=python3)
+                           "$PYTHON -m ztt_jax.commands.train", PYTHON=python3)
   --dry_run                print the commands instead of running them
   -h, --help               this help
 Every other argument goes to every process's ztt-train.
@@ -36,7 +36,7 @@ num_processes=2
 devices=2
 port=""
 dry_run=0
-program="${PYTHON:-python3} -m ztt_jax.train"
+program="${PYTHON:-python3} -m ztt_jax.commands.train"
 args=()
 while (($#)); do
   case "$1" in

@@ -6,9 +6,10 @@
 
 `--sweep` is space-separated `FIELD=V1,V2,...` axes; their product gives the
 runs (here 6), each in `WORKDIR/<field>=<value>,...`, run one after another
-with `python -m ztt_jax.train` (or printed with `--dry_run`; `--launcher`
-puts another launcher in front, e.g. `--launcher='launch/tpu_pod.sh
---tpu=my-v5e --zone=us-west4-a --'`). Arguments after `--` go to every run.
+with `python -m ztt_jax.commands.train` (or printed with `--dry_run`;
+`--launcher` puts another launcher in front, e.g. `--launcher=
+'launch/tpu_pod.sh --tpu=my-v5e --zone=us-west4-a --'`). Arguments after
+`--` go to every run.
 When the runs are done (or with `--summarize` alone, for runs that finished
 elsewhere) it prints a table of each run's final `val_loss` from its
 `metrics.jsonl` and writes it to `WORKDIR/summary.md` and `summary.json`.
@@ -153,9 +154,10 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--sweep', required=True,
                       help="space-separated FIELD=V1,V2,... axes")
   parser.add_argument('--launcher',
-                      default=f'{shlex.quote(sys.executable)} -m ztt_jax.train',
+                      default=f'{shlex.quote(sys.executable)} -m '
+                      'ztt_jax.commands.train',
                       help='command in front of each run (default: this '
-                      'python -m ztt_jax.train)')
+                      'python -m ztt_jax.commands.train)')
   parser.add_argument('--dry_run', action='store_true',
                       help='print the commands, run nothing')
   parser.add_argument('--summarize', action='store_true',

@@ -33,7 +33,7 @@ def write_corpus(path: pathlib.Path) -> str:
 
 
 def train_command(workdir: str, corpus: str, steps: int) -> list[str]:
-  return [sys.executable, '-m', 'ztt_jax.train',
+  return [sys.executable, '-m', 'ztt_jax.commands.train',
           f'--config={REPO}/configs/tiny.py', f'--workdir={workdir}',
           f'--config.data.path={corpus}', f'--config.train.steps={steps}',
           '--config.train.log_every_steps=1',

@@ -6,6 +6,8 @@ import pytest
 from configs import tiny
 from ztt_jax import bench
 from ztt_jax import model
+from ztt_jax.commands import bench as bench_command
+from ztt_jax.errors import ConfigError
 
 
 def test_bench_numbers_are_consistent():
@@ -55,7 +57,7 @@ def test_compare_reports_ratios_and_targets():
 
 
 def test_bad_compile_cycles_is_a_config_error():
-  from ztt_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match='compile_cycles'):
-    bench._cycles('8')  # pylint: disable=protected-access
-  assert bench._cycles('2,8') == (2, 8)  # pylint: disable=protected-access
+    bench_command.cycle_counts('8')
+  assert bench_command.cycle_counts('2,8') == (2, 8)
+  assert bench_command.cycle_counts('') == ()

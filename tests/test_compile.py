@@ -56,7 +56,7 @@ def test_without_libtpu_the_error_says_what_to_install(monkeypatch):
 
 def test_cli_bad_topology_is_one_line_exit_2():
   result = subprocess.run(
-      [sys.executable, '-m', 'ztt_jax.compile',
+      [sys.executable, '-m', 'ztt_jax.commands.compile',
        f'--config={REPO}/configs/budget.py:125m', '--topology=v9:2x2'],
       capture_output=True, text=True, cwd=REPO, timeout=120,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
@@ -116,7 +116,7 @@ def test_budget_125m_compiles_for_v5e_2x2():
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('TPU_', 'JAX_COMPILATION_CACHE'))}
   result = subprocess.run(
-      [sys.executable, '-m', 'ztt_jax.compile',
+      [sys.executable, '-m', 'ztt_jax.commands.compile',
        f'--config={REPO}/configs/budget.py:125m,ztt', '--topology=v5e:2x2',
        '--config.data.seq_len=128', '--config.train.batch_size=4'],
       capture_output=True, text=True, cwd=REPO, timeout=600, env=env)

@@ -292,7 +292,8 @@ def test_missing_files_give_one_line_errors(hf_dirs, tmp_path):
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'ztt_jax.convert', f'--hf_dir={tmp_path}/none',
+      [sys.executable, '-m', 'ztt_jax.commands.convert',
+       f'--hf_dir={tmp_path}/none',
        f'--workdir={tmp_path}/out'], capture_output=True, text=True,
       cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False)
   assert proc.returncode == 2, proc.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from ztt_jax import configlib
 from ztt_jax import data
 from ztt_jax import tokenizers
 from ztt_jax.errors import ConfigError
@@ -26,9 +27,9 @@ def cache_dir(tmp_path, monkeypatch) -> pathlib.Path:
 
 
 def _config(path, **overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({
-      'path': str(path), 'tokenizer': 'byte', 'val_fraction': 0.1,
-      'seq_len': 16})
+  config = configlib.base_config().data
+  config.update(path=str(path), tokenizer='byte', val_fraction=0.1,
+                seq_len=16, cache_dir='')
   config.update(overrides)
   return config
 

@@ -4,6 +4,9 @@ the ztt-eval / ztt-generate tools on a trained workdir."""
 import json
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 import sysconfig
 
 import jax
@@ -11,10 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ztt_jax
 from configs import tiny
+from ztt_jax import convert
 from ztt_jax import data
 from ztt_jax import evaluate
 from ztt_jax import generate
+from ztt_jax import model
 from ztt_jax import train
 from ztt_jax.errors import ConfigError
 
@@ -52,7 +58,6 @@ def replay(ce_CxB, stat_CxB, tau, low: bool, min_cycles: int = 1):
                                                    ('zero_attention', 2)])
 def test_sweep_matches_the_replay_from_one_pass(workdir, criterion,
                                                 min_cycles):
-  import ztt_jax  # pylint: disable=g-import-not-at-top
   module, params, config = ztt_jax.load(workdir)
   corpus = data.prepare(config.data, str(workdir))
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
@@ -87,7 +92,6 @@ def test_per_token_sweep_decodes_with_the_cache(workdir):
   head k's loss (every earlier token ran those k cycles too), the random
   baseline deals out the rule's own cycles, and what the loop ran is at
   least the mean."""
-  import ztt_jax  # pylint: disable=g-import-not-at-top
   module, params, config = ztt_jax.load(workdir)
   corpus = data.prepare(config.data, str(workdir))
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
@@ -148,3 +152,60 @@ def test_no_checkpoint_is_one_line(tmp_path):
   assert '\n' not in str(e.value)
   with pytest.raises(ConfigError, match='no checkpoints'):
     evaluate.run_eval(str(tmp_path))
+
+
+def _old_relative_copy(workdir, tmp_path) -> tuple[pathlib.Path, str]:
+  """A copy of `workdir` as if an older version had trained it from a
+  relative data.path: saved configs without data.sp_model_type and
+  init_from, and data.path='corpus.txt'. Returns it and the real path."""
+  old = tmp_path / 'old_run'
+  shutil.copytree(workdir, old, ignore=shutil.ignore_patterns('eval'))
+  for metadata in old.glob('checkpoints/*/config/metadata'):
+    saved = json.loads(metadata.read_text())
+    corpus = saved['data']['path']
+    saved['data']['path'] = 'corpus.txt'
+    del saved['data']['sp_model_type'], saved['init_from']
+    metadata.write_text(json.dumps(saved))
+  return old, corpus
+
+
+def test_ztt_eval_overrides_the_saved_config(workdir, tmp_path, monkeypatch):
+  old, corpus = _old_relative_copy(workdir, tmp_path)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError, match="data.path='corpus.txt'"):
+    evaluate.run_eval(str(old), batches=1)
+  rows = evaluate.run_eval(str(old), batches=1,
+                           overrides={'data.path': corpus})
+  assert [r['mean_cycles'] for r in rows[:3]] == [1, 2, 3]
+  # Only the settings that do not shape the params may change.
+  with pytest.raises(ConfigError, match='model comes from the checkpoint'):
+    generate.run_generate(str(old), 'x', overrides={'model.n_cycles': '2'})
+  # The same from the command line, from a directory where the saved
+  # relative path does not resolve.
+  result = subprocess.run(
+      [sys.executable, '-m', 'ztt_jax.commands.evaluate', f'--workdir={old}',
+       '--config.data.path=elsewhere.txt'], capture_output=True, text=True,
+      cwd=tmp_path, timeout=120,
+      env={**os.environ, 'PYTHONPATH': str(pathlib.Path(__file__).parents[1])})
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith(
+      "ztt-eval: error: data.path='elsewhere.txt': no such file")
+  assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize('variant, exit_loss, message', [
+    ('head_tail_cycle', 'auto', 'head_tail_cycle model has no exit heads'),
+    ('ztt', 'none', 'ztt model has no exit heads'),
+    ('vanilla', 'auto', 'vanilla model runs one cycle'),
+])
+def test_ztt_eval_needs_cycles_and_exit_heads(tmp_path, variant, exit_loss,
+                                              message):
+  config = tiny.get_config(variant)
+  config.model.update(vocab_size=64, exit_loss=exit_loss)
+  abstract = model.abstract_params(model.build(config.model))
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  convert._save(  # pylint: disable=protected-access
+      str(tmp_path / 'run'), config, params)
+  with pytest.raises(ConfigError, match=message) as e:
+    evaluate.run_eval(str(tmp_path / 'run'))
+  assert '\n' not in str(e.value)

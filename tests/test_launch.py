@@ -44,7 +44,7 @@ def test_local_dry_run():
   [cmd] = commands(launch('local.sh', '--dry_run', '--devices=8',
                           *TRAIN_ARGS).stdout)
   assert cmd == ['env', 'JAX_PLATFORMS=cpu', 'JAX_NUM_CPU_DEVICES=8',
-                 'python3', '-m', 'ztt_jax.train', *TRAIN_ARGS]
+                 'python3', '-m', 'ztt_jax.commands.train', *TRAIN_ARGS]
 
 
 def test_multiprocess_cpu_dry_run():
@@ -55,7 +55,7 @@ def test_multiprocess_cpu_dry_run():
   for i, cmd in enumerate(cmds):
     assert cmd[:4] == ['env', 'JAX_PLATFORMS=cpu', 'JAX_NUM_CPU_DEVICES=2',
                        'JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo']
-    assert cmd[4:7] == ['python3', '-m', 'ztt_jax.train']
+    assert cmd[4:7] == ['python3', '-m', 'ztt_jax.commands.train']
     assert cmd[7:10] == ['--coordinator_address=127.0.0.1:4567',
                          '--num_processes=3', f'--process_id={i}']
     assert cmd[10:] == TRAIN_ARGS
@@ -98,7 +98,7 @@ def test_gpu_slurm_dry_run():
                               *TRAIN_ARGS).stdout)
   assert per_gpu[:3] == ['srun', '--kill-on-bad-exit=1',
                          '--ntasks-per-node=8']
-  assert per_gpu[3:6] == ['python3', '-m', 'ztt_jax.train']
+  assert per_gpu[3:6] == ['python3', '-m', 'ztt_jax.commands.train']
   assert per_gpu[6:] == TRAIN_ARGS
   [per_node] = commands(launch('gpu_slurm.sbatch', '--dry_run', '--per=node',
                                *TRAIN_ARGS).stdout)
@@ -144,7 +144,7 @@ def test_sweep_dry_run_expands_the_product(tmp_path):
   assert len(workdirs) == 6
   assert f'--workdir={tmp_path}/n_cycles=2,variant=ztt' in workdirs
   for c in cmds:
-    assert c[1:3] == ['-m', 'ztt_jax.train'] and c[-1] == (
+    assert c[1:3] == ['-m', 'ztt_jax.commands.train'] and c[-1] == (
         '--config.train.steps=5')
 
 

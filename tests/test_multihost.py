@@ -28,6 +28,7 @@ _DRIVER = r'''
 import os
 import jax
 from ztt_jax import metrics, train
+from ztt_jax.commands import train as train_command
 
 class EveryProcessWriter(metrics.MetricWriter):
   def __init__(self, workdir, total_steps, enabled=True, stream=None):
@@ -38,7 +39,7 @@ class EveryProcessWriter(metrics.MetricWriter):
     super().__init__(workdir, total_steps, True, stream)
 
 train.metrics_lib.MetricWriter = EveryProcessWriter
-train.run()
+train_command.main()
 '''
 
 

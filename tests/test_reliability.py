@@ -141,7 +141,8 @@ def test_nan_skip_policy_drops_the_update_and_goes_on(tmp_path, corpus):
 
 def test_mistyped_override_is_one_line_exit_2(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'ztt_jax.train', f'--config={REPO}/configs/tiny.py',
+      [sys.executable, '-m', 'ztt_jax.commands.train',
+       f'--config={REPO}/configs/tiny.py',
        f'--workdir={tmp_path}/run', '--config.train.stepz=3'],
       capture_output=True, text=True, timeout=120, env=subprocess_env(tmp_path))
   assert result.returncode == 2

@@ -168,7 +168,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus_kind,
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'ztt_jax.train',
+      [sys.executable, '-m', 'ztt_jax.commands.train',
        f'--config={REPO}/configs/tiny.py', f'--workdir={tmp_path}/run',
        '--config.data.path=/nonexistent/file.txt'],
       capture_output=True, text=True, cwd=REPO, timeout=120,

@@ -21,9 +21,7 @@ measured in the same run on the same devices, in the compute dtype.
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import time
 
 import jax
@@ -175,44 +173,3 @@ def compare(config: ml_collections.ConfigDict, steps: int = 20,
         met=ratio <= COMPILE_RATIO_TARGET)
   result['targets'] = targets
   return result
-
-
-def _cycles(text: str) -> tuple[int, ...]:
-  try:
-    cycles = tuple(int(c) for c in text.split(',') if c.strip())
-  except ValueError:
-    cycles = ()
-  check(not text or (len(cycles) >= 2 and min(cycles) > 0),
-        f'--compile_cycles={text!r}: give two or more positive counts, '
-        'e.g. --compile_cycles=2,8')
-  return cycles
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ztt_jax import cli  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  cli.run_main('ztt-bench', lambda: print(json.dumps(compare(
-      f.config, f.steps, f.warmup, f.baseline, _cycles(f.compile_cycles))),
-                                          file=sys.stdout))
-
-
-def run() -> None:
-  """Console entry point: `ztt-bench --config=configs/X.py[:arg]`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
-                                  lock_config=True)
-  flags.DEFINE_integer('steps', 20, 'Timed steps (the median is reported).')
-  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-  flags.DEFINE_string('baseline', '', 'Also measure this variant (e.g. '
-                      'head_tail_cycle) and print the step-time ratio.')
-  flags.DEFINE_string('compile_cycles', '', 'Also compile at these cycle '
-                      'counts (e.g. 2,8) and print the compile-time ratio.')
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
-
-
-if __name__ == '__main__':
-  run()

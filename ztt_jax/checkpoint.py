@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ztt_jax import configlib
 from ztt_jax.errors import ConfigError
 
 
@@ -104,7 +105,9 @@ def checkpoint_dir(workdir) -> str:
 
 def read_config(workdir, step: int | None = None
                 ) -> tuple[ml_collections.ConfigDict, int]:
-  """The config saved with a checkpoint (latest when `step` is None)."""
+  """The config saved with a checkpoint (latest when `step` is None), over
+  `configlib.base_config()`: fields added since it was saved take their
+  defaults."""
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise ConfigError(f'no checkpoints in {directory}; train first with '
@@ -117,7 +120,7 @@ def read_config(workdir, step: int | None = None
           f'{list(manager.all_steps())}); pass one of those or train first')
     restored = manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored.config), step
+  return configlib.with_defaults(restored.config), step
 
 
 def restore_params(workdir, step: int, abstract_params: Any) -> Any:

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import topologies
 import jax.numpy as jnp
 import ml_collections
 
@@ -98,7 +99,6 @@ def topology_devices(name: str) -> list[Any]:
   check(importlib.util.find_spec('libtpu') is not None,
         f'ztt-compile --topology={name} needs libtpu (the TPU compiler), '
         f'which is not installed; run {_INSTALL_TPU}')
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     with _libtpu_without_tpus():
       topology = topologies.get_topology_desc(platform='tpu',
@@ -296,34 +296,3 @@ def format_report(report: dict[str, Any]) -> str:
       json.dumps(report),
   ]
   return '\n'.join(lines)
-
-
-# --------------------------------------------------------------------- CLI --
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ztt_jax import cli  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  cli.run_main('ztt-compile', lambda: print(format_report(
-      compile_for_topology(f.config, f.topology, f.mesh)), flush=True))
-
-
-def run() -> None:
-  """Console entry point: `ztt-compile --config=... --topology=v5e:16x16`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
-                                  lock_config=True)
-  flags.DEFINE_string('topology', None,
-                      'TPU slice, GENERATION:CHIPS, e.g. v5e:16x16, v5p:2x2x2.')
-  flags.DEFINE_string('mesh', None,
-                      'DATA,FSDP,TENSOR sizes overriding config.mesh, e.g. '
-                      '1,-1,4 (-1: the remaining devices).')
-  flags.mark_flags_as_required(['config', 'topology'])
-  app.run(main)
-
-
-if __name__ == '__main__':
-  run()

@@ -55,9 +55,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from ztt_jax import checkpoint
 from ztt_jax import configlib
+from ztt_jax import data
 from ztt_jax import model as model_lib
 from ztt_jax.errors import ConfigError, check
 
@@ -476,7 +478,6 @@ def calibration_tokens(cfg: model_lib.ModelConfig, calib_data: str,
   rng = np.random.default_rng(seed)
   if calib_data == 'random':
     return rng.integers(0, cfg.vocab_size, (CALIB_BATCH, t)).astype(np.int32)
-  from ztt_jax import data  # pylint: disable=g-import-not-at-top
   check(cfg.vocab_size >= 256, f'--calib_data={calib_data!r} feeds bytes '
         f'but the model has {cfg.vocab_size} tokens; pass --calib_data=random')
   files = data.resolve_sources(calib_data)
@@ -631,7 +632,6 @@ def _summary(cfg, report) -> str:
 
 
 def _save(workdir: str, config, params) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   options = ocp.CheckpointManagerOptions(create=True,
                                          enable_async_checkpointing=False)
@@ -687,59 +687,3 @@ def init_state_from(init_from: str, setup, abstract, shardings):
       params)
   step0 = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
   return abstract.replace(step=step0, params=params, opt_state=opt_state)
-
-
-# -------------------------------------------------------------------- CLI --
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ztt_jax import cli  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  cli.run_main('ztt-convert', lambda: convert(
-      f.hf_dir, f.workdir, variant=f.variant, n_head_layers=f.n_head_layers,
-      n_mid_layers=f.n_mid_layers, n_tail_layers=f.n_tail_layers,
-      n_cycles=f.n_cycles, mid_init=f.mid_init, zero_init=f.zero_init,
-      zero_mass=f.zero_mass, gate_bias=f.gate_bias, zero_pool=f.zero_pool,
-      gate=f.gate, exit_loss=f.exit_loss, calib_data=f.calib_data,
-      seed=f.seed))
-
-
-def run() -> None:
-  """Console entry point: `ztt-convert --hf_dir=DIR --workdir=OUT ...`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('hf_dir', None, 'Local Hugging Face model directory '
-                      '(config.json and *.safetensors).')
-  flags.DEFINE_string('workdir', None, 'Where to write the ZTT checkpoint.')
-  flags.DEFINE_enum('variant', 'ztt', model_lib.VARIANTS, 'Target variant.')
-  flags.DEFINE_integer('n_head_layers', None, 'Head layers (default 1; 0 '
-                       'for basic_cycle).')
-  flags.DEFINE_integer('n_mid_layers', None, 'Middle stack layers (default: '
-                       'all replaced layers for vanilla, else a 1/n_cycles '
-                       'share).')
-  flags.DEFINE_integer('n_tail_layers', None, 'Tail layers (default 1; 0 '
-                       'for basic_cycle).')
-  flags.DEFINE_integer('n_cycles', None, 'Cycles of the middle stack '
-                       '(default 2; 1 for vanilla).')
-  flags.DEFINE_enum('mid_init', 'block', MID_INITS, 'How the shared stack '
-                    'starts from the layers it replaces.')
-  flags.DEFINE_enum('zero_init', 'suppress', ZERO_INITS, 'How zero keys '
-                    'start.')
-  flags.DEFINE_float('zero_mass', 0.01, 'Target mean zero-token mass for '
-                     '--zero_init=suppress.')
-  flags.DEFINE_float('gate_bias', 6.0, 'Initial gate bias (sigmoid(6) = '
-                     '0.9975).')
-  flags.DEFINE_string('zero_pool', 'auto', 'model.zero_pool.')
-  flags.DEFINE_string('gate', 'auto', 'model.gate.')
-  flags.DEFINE_string('exit_loss', 'auto', 'model.exit_loss.')
-  flags.DEFINE_string('calib_data', 'builtin:stdlib', 'Text whose bytes '
-                      'calibrate the zero keys and the report (a data.path), '
-                      'or random (uniform token ids).')
-  flags.DEFINE_integer('seed', 0, 'Seed of the calibration windows.')
-  flags.mark_flags_as_required(['hf_dir', 'workdir'])
-  app.run(main)
-
-
-if __name__ == '__main__':
-  run()

@@ -23,8 +23,10 @@ from typing import Any, Mapping, Sequence
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 
+from ztt_jax import configlib
 from ztt_jax import tokenizers
 from ztt_jax.errors import ConfigError, check
 
@@ -165,38 +167,22 @@ def _check_utf8(sources: Sequence[pathlib.Path],
 # ------------------------------------------------------------------ config --
 
 
-def _cache_root(data_config: Mapping[str, Any]) -> pathlib.Path:
+def _cache_root(data_config) -> pathlib.Path:
   """data.cache_dir if set, else $ZTT_CACHE_DIR, else ~/.cache/ztt_jax."""
-  root = (data_config.get('cache_dir', None) or
-          os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR)
+  root = (data_config.cache_dir or os.environ.get(CACHE_ENV_VAR) or
+          DEFAULT_CACHE_DIR)
   return pathlib.Path(os.path.expanduser(str(root)))
 
 
-def _options(data_config: Mapping[str, Any]) -> _Options:
-  """Reads and validates the data config fields `prepare` uses."""
-  kind = data_config.get('tokenizer', 'byte')
-  check(kind in tokenizers.KINDS, f'data.tokenizer={kind!r} is unknown; use '
-        f'one of {", ".join(tokenizers.KINDS)}')
-  val_fraction = data_config.get('val_fraction', 0.1)
-  check(isinstance(val_fraction, (int, float)) and
-        not isinstance(val_fraction, bool) and 0 <= val_fraction < 0.5,
-        f'data.val_fraction={val_fraction!r} is out of range; use a number '
-        'in [0, 0.5), e.g. 0.1 (0 disables evaluation)')
-  seq_len = data_config.get('seq_len', None)
-  check(isinstance(seq_len, int) and not isinstance(seq_len, bool)
-        and seq_len > 0,
-        f'data.seq_len={seq_len!r} must be a positive integer; e.g. '
-        'data.seq_len=256')
-  vocab_size = data_config.get('vocab_size', None)
-  vocab_size = 1024 if vocab_size is None else vocab_size
-  model_type = data_config.get('sp_model_type', 'bpe')
-  check(model_type in tokenizers.SP_MODEL_TYPES,
-        f'data.sp_model_type={model_type!r} is unknown; use one of '
-        f'{", ".join(tokenizers.SP_MODEL_TYPES)}')
+def _options(data_config) -> _Options:
+  """The data config fields `prepare` uses, checked by
+  `configlib.validate_data`."""
+  configlib.validate_data(data_config)
+  d = data_config
   return _Options(
-      path=data_config.get('path', None), kind=kind, vocab_size=vocab_size,
-      model_type=model_type, val_fraction=float(val_fraction),
-      seq_len=seq_len, cache_root=_cache_root(data_config))
+      path=d.path, kind=d.tokenizer, vocab_size=d.vocab_size,
+      model_type=d.sp_model_type, val_fraction=float(d.val_fraction),
+      seq_len=d.seq_len, cache_root=_cache_root(d))
 
 
 # ------------------------------------------------------------------- split --
@@ -325,7 +311,7 @@ def _check_lengths(options: _Options, n_train: int, n_val: int) -> None:
 # ----------------------------------------------------------------- prepare --
 
 
-def prepare(data_config: Mapping[str, Any],
+def prepare(data_config: ml_collections.ConfigDict,
             workdir: str | os.PathLike[str]) -> Corpus:
   """Tokenizes the configured corpus (cached) and returns its two splits.
 

@@ -11,11 +11,17 @@ closing summary both print it. Statistics and losses come from exits.py.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import sys
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ztt_jax
+from ztt_jax import data
 from ztt_jax import exits
 from ztt_jax import generate
 from ztt_jax.errors import check
@@ -216,20 +222,25 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   plt.close(fig)
 
 
+# --------------------------------------------------------------- ztt-eval --
+
+
 def run_eval(workdir: str, split: str = 'val', criterion: str = '',
+             per: str = 'sequence', random_baseline: bool = False,
              n_thresholds: int = 7, min_cycles: int = 1, batches: int = 0,
-             step: int | None = None, stream=None) -> list[dict]:
+             step: int | None = None,
+             overrides: Mapping[str, Any] | None = None,
+             stream=None) -> list[dict]:
   """ztt-eval: the early-exit sweep on a trained workdir; writes
-  `eval/early_exit.{json,md,png}` and returns the rows."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import ztt_jax  # pylint: disable=g-import-not-at-top
-  from ztt_jax import data  # pylint: disable=g-import-not-at-top
-  from ztt_jax.errors import check  # pylint: disable=g-import-not-at-top
+  `eval/early_exit.{json,md,png}` and returns the rows.
+
+  `overrides` are set on the saved config (see `ztt_jax.load`), e.g.
+  {'data.path': 'corpus.txt'} when the saved one does not resolve here.
+  """
   stream = stream or sys.stdout
   check(split in ('val', 'train'), f'--split={split!r}: use val or train')
-  module, params, config = ztt_jax.load(workdir, step)
+  check(per in PER, f'--per={per!r}: use sequence or token')
+  module, params, config = ztt_jax.load(workdir, step, overrides)
   cfg = module.cfg
   corpus = data.prepare(config.data, workdir)
   tokens = corpus.val_N if split == 'val' else corpus.train_N
@@ -239,7 +250,8 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
       tokens, config.data.seq_len, config.train.batch_size,
       batches or config.train.eval_batches)]
   criterion, rows = early_exit_sweep(module, params, eval_set, criterion,
-                                     n_thresholds, min_cycles)
+                                     n_thresholds, min_cycles, per,
+                                     random_baseline)
   out_dir = os.path.join(os.path.abspath(workdir), 'eval')
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'early_exit.json'), 'w',
@@ -253,36 +265,7 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
        f'{cfg.variant}, {cfg.cycles} cycles, {split} split')
   n_seq = sum(b['inputs'].shape[0] for b in eval_set)
   stream.write(f'early exit on {n_seq} {split} sequences of '
-               f'{config.data.seq_len} tokens ({criterion}, per sequence):\n'
+               f'{config.data.seq_len} tokens ({criterion}, per {per}):\n'
                f'{table}\nwrote {out_dir}/early_exit.json, early_exit.md, '
                'early_exit.png\n')
   return rows
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ztt_jax import cli  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  cli.run_main('ztt-eval', lambda: run_eval(
-      f.workdir, f.split, f.criterion, f.n_thresholds, f.min_cycles,
-      f.batches, f.step))
-
-
-def run() -> None:
-  """Console entry point: `ztt-eval --workdir=DIR [--split=val]`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('workdir', None, 'A training workdir.')
-  flags.DEFINE_string('split', 'val', 'val or train.')
-  flags.DEFINE_string('criterion', '', 'zero_attention (default with zero '
-                      'tokens), gate or kl.')
-  flags.DEFINE_integer('n_thresholds', 7, 'Thresholds in the sweep.')
-  flags.DEFINE_integer('min_cycles', 1, 'No exit before this many cycles.')
-  flags.DEFINE_integer('batches', 0, 'Eval batches (0: train.eval_batches).')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-  flags.mark_flags_as_required(['workdir'])
-  app.run(main)
-
-
-if __name__ == '__main__':
-  run()

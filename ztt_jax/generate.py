@@ -25,14 +25,16 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ztt_jax
 from ztt_jax import exits
 from ztt_jax import model as model_lib
+from ztt_jax import tokenizers
 from ztt_jax.errors import check
 from ztt_jax.exits import ExitRule
 
@@ -302,21 +304,25 @@ def sample(module, params, prompt_ids, max_new_tokens: int, rng: jax.Array,
       float(temperature), int(top_k)))
 
 
-# -------------------------------------------------------------------- CLI --
+# ----------------------------------------------------------- ztt-generate --
 
 
 def run_generate(workdir: str, prompt: str, max_new_tokens: int = 200,
                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, exit_threshold: float | None = None,
                  exit_criterion: str = 'zero_attention', min_cycles: int = 1,
-                 step: int | None = None, stream=None) -> Generation:
-  """ztt-generate: continue `prompt` with a trained workdir's checkpoint."""
-  import ztt_jax  # pylint: disable=g-import-not-at-top
-  from ztt_jax import tokenizers  # pylint: disable=g-import-not-at-top
+                 step: int | None = None,
+                 overrides: Mapping[str, Any] | None = None,
+                 stream=None) -> Generation:
+  """ztt-generate: continues `prompt` with a trained workdir's checkpoint,
+  prints the text and the cycles it took, and returns the generation.
+
+  `overrides` are set on the saved config (see `ztt_jax.load`).
+  """
   stream = stream or sys.stdout
   check(max_new_tokens > 0,
         f'--max_new_tokens={max_new_tokens} must be positive')
-  module, params, _ = ztt_jax.load(workdir, step)
+  module, params, _ = ztt_jax.load(workdir, step, overrides)
   tokenizer = tokenizers.load_tokenizer(workdir)
   check(len(prompt) > 0, 'the prompt is empty; pass --prompt="some text"')
   ids = tokenizer.encode(prompt)
@@ -333,38 +339,3 @@ def run_generate(workdir: str, prompt: str, max_new_tokens: int = 200,
                f'{n / out.run_s:.1f} tokens/s (compile {out.compile_s:.1f}s '
                'not counted)\n')
   return out
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ztt_jax import cli  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  cli.run_main('ztt-generate', lambda: run_generate(
-      f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k,
-      f.top_p, f.seed, f.exit_threshold, f.exit_criterion, f.min_cycles,
-      f.step))
-
-
-def run() -> None:
-  """Console entry point: `ztt-generate --workdir=DIR --prompt=...`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('workdir', None, 'A training workdir.')
-  flags.DEFINE_string('prompt', None, 'Text to continue.')
-  flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
-  flags.DEFINE_float('temperature', 0.8, '0 for greedy.')
-  flags.DEFINE_integer('top_k', 0, 'Top-k sampling (0: off).')
-  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling (1: off).')
-  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  flags.DEFINE_float('exit_threshold', None, 'Early-exit threshold (default: '
-                     'no early exit, all cycles).')
-  flags.DEFINE_string('exit_criterion', 'zero_attention',
-                      'zero_attention, gate, kl or fixed.')
-  flags.DEFINE_integer('min_cycles', 1, 'No exit before this many cycles.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-  flags.mark_flags_as_required(['workdir', 'prompt'])
-  app.run(main)
-
-
-if __name__ == '__main__':
-  run()

@@ -1,8 +1,11 @@
 """Pretraining: sharded jit train step, eval, metrics, checkpoints, resume.
 
     ztt-train --config=configs/default.py --workdir=runs/demo
-    python -m ztt_jax.train --config=configs/tiny.py:ztt --workdir=runs/tiny \
+    ztt-train --config=configs/tiny.py:ztt --workdir=runs/tiny \
         --config.train.steps=50
+
+`train(config, workdir)` is the library call; `ztt-train` (its flags in
+ztt_jax/commands/train.py) loads the config file and calls it.
 
 The batch for step s is a pure function of (seed, s), the dropout key is
 `fold_in(seed, s)`, and the data iterator is checkpointed with the model, so
@@ -16,7 +19,6 @@ import dataclasses
 import functools
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -28,9 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from ztt_jax import checkpoint
-from ztt_jax import cli
+from ztt_jax import configlib
+from ztt_jax import convert
 from ztt_jax import data
 from ztt_jax import evaluate
 from ztt_jax import exits
@@ -39,7 +43,7 @@ from ztt_jax import metrics as metrics_lib
 from ztt_jax import model as model_lib
 from ztt_jax import optim
 from ztt_jax import sharding
-from ztt_jax.errors import ConfigError, check
+from ztt_jax.errors import check
 
 
 @flax.struct.dataclass
@@ -47,36 +51,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Validates everything that can be checked before touching the disk."""
-  t = config.train
-  for name in ('steps', 'batch_size', 'log_every_steps', 'eval_batches',
-               'grad_accum_steps'):
-    value = t[name]
-    check(isinstance(value, int) and value > 0,
-          f'train.{name}={value!r} must be a positive integer')
-  check(t.eval_every_steps >= 0,
-        f'train.eval_every_steps={t.eval_every_steps} must be >= 0 '
-        '(0: only at the end)')
-  check(t.batch_size % t.grad_accum_steps == 0,
-        f'train.batch_size={t.batch_size} is not divisible by '
-        f'train.grad_accum_steps={t.grad_accum_steps}; make it a multiple')
-  check(isinstance(config.data.seq_len, int) and config.data.seq_len > 0,
-        f'data.seq_len={config.data.seq_len!r} must be a positive integer')
-  policy = t.get('nan_policy', 'stop')
-  check(policy in ('stop', 'skip'),
-        f"train.nan_policy={policy!r} is not one of ('stop', 'skip')")
-  for name in ('every_steps', 'keep'):
-    value = config.checkpoint[name]
-    check(isinstance(value, int) and value > 0,
-          f'checkpoint.{name}={value!r} must be a positive integer')
-  # The model config, with a placeholder vocabulary until the tokenizer runs.
-  model_config = config.model.to_dict()
-  model_config['vocab_size'] = model_config['vocab_size'] or 256
-  model_lib.ModelConfig.from_config(model_config)
-  optim.make_optimizer(t)
 
 
 def loss_fn(module, model_cfg: model_lib.ModelConfig, params, batch, rng,
@@ -158,7 +132,7 @@ class Setup:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | None,
                devices=None):
-    check_config(config)
+    configlib.validate(config)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules(config)
     sharding.check_batch(config.train.batch_size,
@@ -210,7 +184,7 @@ class Setup:
     step_fn = jax.jit(
         make_train_step(self.module, self.model_cfg, self.tx, self.schedule,
                         self.config.train.grad_accum_steps, self.config.seed,
-                        self.config.train.get('inject_nan_at_step', -1)),
+                        self.config.train.inject_nan_at_step),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, sharding.replicated(self.mesh)),
         donate_argnums=0)
@@ -237,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   had been interrupted there (the schedule still follows `train.steps`).
   """
   workdir = os.path.abspath(workdir)
-  check(not config.get('init_from')
+  check(not config.init_from
         or os.path.abspath(config.init_from) != workdir,
         f'--workdir={workdir} is the init_from directory, whose checkpoint has '
         'no optimizer state; fine-tune in a new --workdir')
@@ -281,9 +255,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
       else:
         writer.print(f'resumed from {ckpt.directory}/{latest} '
                      f'(step {latest})')
-    if state is None and config.get('init_from'):
+    if state is None and config.init_from:
       # Fine-tuning: params from a converted checkpoint, fresh optimizer.
-      from ztt_jax import convert  # pylint: disable=g-import-not-at-top
       state = convert.init_state_from(config.init_from, setup, abstract,
                                       shardings)
       writer.print(f'initialised params from {config.init_from}')
@@ -324,7 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
         state, step_metrics = step_fn(state, batch)
         step += 1
         if not bool(jax.device_get(step_metrics['finite'])):
-          _on_nonfinite(t.get('nan_policy', 'stop'), step, state, local_batch,
+          _on_nonfinite(t.nan_policy, step, state, local_batch,
                         workdir, writer)
         if step == start_step + 1:
           jax.block_until_ready(state)
@@ -413,7 +386,6 @@ def _on_nonfinite(policy: str, step: int, state, local_batch, workdir: str,
     writer.print(f'warning: non-finite loss or gradients at step {step}: '
                  'update skipped (train.nan_policy=skip)')
     return
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   debug_dir = os.path.join(workdir, 'nonfinite', f'step_{step}')
   with ocp.StandardCheckpointer() as saver:
     saver.save(os.path.join(debug_dir, 'state'), state, force=True)
@@ -486,45 +458,3 @@ def _print_summary(writer, setup: Setup, params, eval_set, summary):
                  'sequence; ztt-eval for more):\n'
                  + evaluate.format_table(rows))
   writer.print(f"checkpoint: {summary['checkpoint']}")
-
-
-# --------------------------------------------------------------------- CLI --
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  def start():
-    f = flags.FLAGS
-    sharding.maybe_initialize_distributed(f.coordinator_address,
-                                          f.num_processes, f.process_id)
-    try:
-      summary = train(f.config, f.workdir)
-    except TrainingDiverged as e:
-      print(f'ztt-train: error: {e}', file=sys.stderr)
-      sys.exit(1)
-    if summary.get('preempted'):
-      sys.exit(EXIT_CODES[summary['preempted']])
-
-  cli.run_main('ztt-train', start)
-
-
-def run() -> None:
-  """Console entry point: `ztt-train --config=... --workdir=...`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
-  # Multi-host: automatic on Cloud TPU, SLURM (srun) and Open MPI; else all 3.
-  flags.DEFINE_string('coordinator_address', None,
-                      'HOST:PORT of process 0, for multi-process runs.')
-  flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
-  flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=cli.flags_parser('ztt-train'))
-
-
-if __name__ == '__main__':
-  run()
