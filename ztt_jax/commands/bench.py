@@ -24,9 +24,7 @@ PROG = 'ztt-bench'
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  config: str = common.flag(
-      None, 'Config file, PATH[:ARG]: get_config(ARG) of that Python file.',
-      required=True, metavar='PATH[:ARG]')
+  config: str = common.config_flag()
   steps: int = common.flag(20, 'Timed steps (the median is reported).')
   warmup: int = common.flag(3, 'Untimed steps after compilation.')
   baseline: str = common.flag(

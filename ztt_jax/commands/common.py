@@ -80,6 +80,17 @@ def flag(default: Any, text: str, *, required: bool = False,
       text=text, required=required, metavar=metavar, choices=tuple(choices)))
 
 
+def config_flag() -> Any:
+  """The required `--config=PATH[:ARG]` of the commands that build a run."""
+  return flag(None, 'Config file, PATH[:ARG]: get_config(ARG) of that '
+              'Python file.', required=True, metavar='PATH[:ARG]')
+
+
+def step_flag() -> Any:
+  """`--step`: which checkpoint of a workdir to read."""
+  return flag(None, 'Checkpoint step; unset: the latest.')
+
+
 def fail(prog: str, message: str) -> NoReturn:
   """Prints `prog: error: message` as one line on stderr; exit status 2."""
   print(f'{prog}: error: {" ".join(str(message).split())}', file=sys.stderr)

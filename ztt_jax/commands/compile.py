@@ -22,9 +22,7 @@ PROG = 'ztt-compile'
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  config: str = common.flag(
-      None, 'Config file, PATH[:ARG]: get_config(ARG) of that Python file.',
-      required=True, metavar='PATH[:ARG]')
+  config: str = common.config_flag()
   topology: str = common.flag(
       None, 'TPU slice, GENERATION:CHIPS, e.g. v5e:16x16, v5p:2x2x2.',
       required=True, metavar='GEN:CHIPS')

@@ -42,8 +42,7 @@ class Options:
   n_thresholds: int = common.flag(7, 'Thresholds in the sweep.')
   min_cycles: int = common.flag(1, 'No exit before this many cycles.')
   batches: int = common.flag(0, 'Eval batches; 0: train.eval_batches.')
-  step: int | None = common.flag(
-      None, 'Checkpoint step; unset: the latest.')
+  step: int | None = common.step_flag()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

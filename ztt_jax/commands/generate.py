@@ -32,10 +32,10 @@ class Options:
   exit_threshold: float | None = common.flag(
       None, 'Early-exit threshold; unset: no early exit, every cycle runs.')
   exit_criterion: str = common.flag(
-      'zero_attention', 'Exit statistic: zero_attention, gate, kl or fixed.')
+      'zero_attention', 'Exit statistic: zero_attention, zero_weight, gate, '
+      'kl or fixed.')
   min_cycles: int = common.flag(1, 'No exit before this many cycles.')
-  step: int | None = common.flag(
-      None, 'Checkpoint step; unset: the latest.')
+  step: int | None = common.step_flag()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -25,9 +25,7 @@ PROG = 'ztt-train'
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  config: str = common.flag(
-      None, 'Config file, PATH[:ARG]: get_config(ARG) of that Python file.',
-      required=True, metavar='PATH[:ARG]')
+  config: str = common.config_flag()
   workdir: str = common.flag(
       None, 'Run directory: checkpoints, metrics.jsonl, tokenizer.',
       required=True, metavar='DIR')
