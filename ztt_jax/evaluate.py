@@ -47,6 +47,14 @@ def token_statistics(module, params, batch) -> dict[str, jax.Array]:
 PER = ('sequence', 'token')
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted(make, *args, out_sharding=None):
+  """`jax.jit(make(*args))`, built once per arguments (hashable): repeated
+  sweeps of one model (training summaries, tests) compile once."""
+  return jax.jit(make(*args), **({} if out_sharding is None
+                                 else {'out_shardings': out_sharding}))
+
+
 def _pass_fn(module, rule: exits.ExitRule, per: str):
   """`run(params, batch, threshold, forced_BxT or None)` -> `(ce_BxT,
   cycles_BxT, cycles_run)` through the real early-exit loop: one call of
@@ -98,14 +106,14 @@ def sweep(module, params, batches, criterion: str, thresholds,
   cfg = module.cfg
   check(per in PER, f'per={per!r} is not one of {PER}')
   rule = exits.ExitRule(criterion, min_cycles).validate(cfg)
-  run = jax.jit(_pass_fn(module, rule, per),
-                **({} if out_sharding is None
-                   else {'out_shardings': out_sharding}))
+  run = _jitted(_pass_fn, module, rule, per, out_sharding=out_sharding)
 
   def evaluate_rule(threshold=0.0, forced=None):
-    outs = [jax.device_get(run(params, b, jnp.float32(threshold),
-                               None if forced is None else forced[i]))
-            for i, b in enumerate(batches)]
+    # Always a forced array (0: the rule decides): one compile for all rows.
+    outs = [jax.device_get(run(
+        params, b, jnp.float32(threshold),
+        jnp.zeros(b['inputs'].shape, jnp.int32) if forced is None
+        else forced[i])) for i, b in enumerate(batches)]
     cycles = [o[1] for o in outs]
     return dict(per=per, val_loss=float(np.mean([o[0] for o in outs])),
                 mean_cycles=float(np.mean(cycles)),
@@ -156,9 +164,8 @@ def early_exit_sweep(module, params, batches, criterion: str = '',
   check(cfg.exit_heads, f'this {cfg.variant} model has no exit heads, so it '
         'cannot stop after an early cycle; train it with '
         'model.exit_loss=linear, uniform or last')
-  stats_fn = jax.jit(functools.partial(token_statistics, module),
-                     **({} if out_sharding is None
-                        else {'out_shardings': out_sharding}))
+  stats_fn = _jitted(functools.partial, token_statistics, module,
+                     out_sharding=out_sharding)
   stats = [jax.device_get(stats_fn(params, b)) for b in batches]
   criterion = criterion or ('zero_attention' if 'zero_attention' in stats[0]
                             else 'kl')

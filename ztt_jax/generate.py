@@ -84,7 +84,8 @@ def forward(module: model_lib.Transformer, params, tokens_BxT, positions_BxT,
     cache: a `Cache` to read and update, or None (whole sequences).
     rule: when rows stop cycling (exits.py).
     threshold: the rule's threshold (a traced float: no recompiles).
-    forced_cycles_BxT: instead of a rule, the cycles each position runs.
+    forced_cycles_BxT: the cycles each position runs, instead of the rule
+      (where > 0; 0 leaves it to the rule).
 
   Returns:
     `(logits_BxTxV, cycles_BxT, cache)`: logits from the exit state, the
@@ -118,18 +119,18 @@ def forward(module: model_lib.Transformer, params, tokens_BxT, positions_BxT,
     y_BxTxD, out = call(Transformer.one_cycle, x_BxTxD, c, positions_BxT,
                         cycle_cache, (done_BxT, x_BxTxD))
     x_BxTxD = jnp.where(done_BxT[..., None], x_BxTxD, y_BxTxD)
+    logits = None
+    if rule.criterion == 'kl':
+      logits, _ = call(Transformer.exit_head, x_BxTxD, positions_BxT,
+                       tail_cache)
+    stat_BxT = exits.statistic(rule.criterion, out, logits, prev_logits)
+    if rule.criterion == 'kl':  # No previous exit head before cycle 1.
+      stat_BxT = jnp.where(c > 0, stat_BxT, jnp.inf)
+      prev_logits = logits
+    stop_BxT = rule.stops(c, stat_BxT, threshold, done_BxT.shape)
     if forced_cycles_BxT is not None:
-      stop_BxT = c + 1 >= forced_cycles_BxT
-    else:
-      logits = None
-      if rule.criterion == 'kl':
-        logits, _ = call(Transformer.exit_head, x_BxTxD, positions_BxT,
-                         tail_cache)
-      stat_BxT = exits.statistic(rule.criterion, out, logits, prev_logits)
-      if rule.criterion == 'kl':  # No previous exit head before cycle 1.
-        stat_BxT = jnp.where(c > 0, stat_BxT, jnp.inf)
-        prev_logits = logits
-      stop_BxT = rule.stops(c, stat_BxT, threshold, done_BxT.shape)
+      stop_BxT = jnp.where(forced_cycles_BxT > 0, c + 1 >= forced_cycles_BxT,
+                           stop_BxT)
     cycles_BxT = jnp.where(done_BxT, cycles_BxT, c + 1)
     done_BxT = done_BxT | stop_BxT
     if mid_cache is not None:
