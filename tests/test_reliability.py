@@ -53,7 +53,7 @@ def subprocess_env(tmp_path):
 
 @pytest.mark.slow
 def test_random_kill_9_then_resume_is_exact(tmp_path):
-  assert crash_loop.main(['--trials=3', '--kills=1', '--steps=15',
+  assert crash_loop.main(['--trials=2', '--kills=1', '--steps=15',
                           f'--root={tmp_path}']) == 0
 
 
