@@ -305,3 +305,52 @@ def test_bad_model_config_names_the_field(overrides, field):
   with pytest.raises(ConfigError, match=field.replace('.', r'\.')) as e:
     make_cfg(**overrides)
   assert '\n' not in str(e.value)
+
+
+def test_exit_weights():
+  weights = lambda loss: np.asarray(model.exit_weights(make_cfg(
+      'ztt', n_cycles=4, exit_loss=loss)))
+  np.testing.assert_allclose(weights('linear'), np.array([1, 2, 3, 4]) / 10)
+  np.testing.assert_allclose(weights('uniform'), [0.25] * 4)
+  np.testing.assert_allclose(weights('final_heavy'), [1 / 6] * 3 + [0.5])
+  np.testing.assert_allclose(weights('last'), [0, 0, 0, 1])
+
+
+def test_gate_reads_the_cycle_input_or_output():
+  x = jax.random.normal(jax.random.key(0), (B, T, 8))
+  y = jax.random.normal(jax.random.key(1), (B, T, 8))
+  w, b = jax.random.normal(jax.random.key(2), (8,)), 0.5
+  rms = lambda a: a / np.sqrt(np.mean(np.square(a), -1, keepdims=True) + 1e-6)
+  for reads, source in (('output', y), ('input', x)):
+    cfg = make_cfg('ztt', gate_input=reads)
+    state, g = model.apply_gate(cfg, x, y, w, b)
+    expected = 1 / (1 + np.exp(-(rms(np.asarray(source)) @ np.asarray(w) + b)))
+    np.testing.assert_allclose(g, expected, rtol=1e-5)
+    np.testing.assert_allclose(state, x + expected[..., None] * (y - x),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_detached_exit_heads_train_only_the_tail_and_lm_head():
+  """exit_grad='detach': the same outputs, but an early head's loss sends no
+  gradient into the cycled stack, the pool or the gates."""
+  full = make_cfg('ztt', exit_loss='uniform')
+  detach = make_cfg('ztt', exit_loss='uniform', exit_grad='detach')
+  params = random_params(full)
+  x = tokens()
+  np.testing.assert_array_equal(apply(full, params, x).cycle_logits,
+                                apply(detach, params, x).cycle_logits)
+
+  def grads(cfg, head):
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(model.build(cfg).apply(
+        {'params': p}, x).cycle_logits[head])[..., 3])
+    return jax.jit(jax.grad(loss))(params)
+
+  norm = lambda tree: float(sum(jnp.sum(jnp.abs(a))
+                                for a in jax.tree.leaves(tree)))
+  early_full, early_detach = grads(full, 0), grads(detach, 0)
+  assert norm(early_full['mid']) > 0
+  assert norm(early_detach['mid']) == 0 and norm(early_detach['head']) == 0
+  assert norm(early_detach['tail']) > 0
+  last_full, last_detach = grads(full, -1), grads(detach, -1)
+  for a, b in zip(jax.tree.leaves(last_full), jax.tree.leaves(last_detach)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

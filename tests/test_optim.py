@@ -56,9 +56,29 @@ def test_schedule_warms_up_then_decays_to_the_floor():
   assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_gate_lr_scale_scales_only_the_gate_updates():
+  cfg = ml_collections.ConfigDict(tiny.get_config('ztt').train.to_dict())
+  cfg.update(grad_clip=0.0, weight_decay=0.0, warmup_steps=0, lr=0.1)
+  p = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), params())
+  grads = jax.tree.map(lambda a: np.full(a.shape, 0.3, a.dtype), p)
+
+  def step(scale):
+    cfg.gate_lr_scale = scale
+    tx, _ = optim.make_optimizer(cfg)
+    return tx.update(grads, tx.init(p), p)[0]
+
+  full, slow = step(1.0), step(0.1)
+  mask = optim.gate_mask(p)
+  assert sum(jax.tree.leaves(mask)) == 2  # gate_w and gate_b.
+  for f, s, m in zip(jax.tree.leaves(full), jax.tree.leaves(slow),
+                     jax.tree.leaves(mask)):
+    np.testing.assert_allclose(s, f * (0.1 if m else 1.0), rtol=1e-6)
+
+
 @pytest.mark.parametrize('field, value', [('lr', 0.0), ('warmup_steps', -1),
                                           ('grad_clip', -1.0),
-                                          ('weight_decay', -0.1)])
+                                          ('weight_decay', -0.1),
+                                          ('gate_lr_scale', 0.0)])
 def test_bad_optimiser_settings(field, value):
   cfg = tiny.get_config('ztt').train
   cfg[field] = value

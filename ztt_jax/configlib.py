@@ -77,6 +77,8 @@ def base_config(variant: str = 'ztt') -> ml_collections.ConfigDict:
   c.train.warmup_steps = 100  # Linear warmup from 0 to lr.
   c.train.min_lr_ratio = 0.1  # Cosine decays to lr * min_lr_ratio.
   c.train.weight_decay = 0.1  # Not on norms, biases, zero keys, gates.
+  # Multiplies the gate params' (gate_w, gate_b) updates: a slower gate.
+  c.train.gate_lr_scale = 1.0
   c.train.b1 = 0.9  # AdamW first-moment decay.
   c.train.b2 = 0.99  # AdamW second-moment decay.
   c.train.grad_clip = 1.0  # Global-norm clipping; 0 turns it off.

@@ -37,7 +37,9 @@ VARIANTS = ('vanilla', 'basic_cycle', 'head_tail_cycle', 'ztt')
 ZERO_POOLS = ('none', 'cycle_layer', 'cycle', 'layer')
 ZERO_KEYS = ('key_space', 'projected')
 GATES = ('none', 'scalar', 'token')
-EXIT_LOSSES = ('none', 'last', 'uniform', 'linear')
+EXIT_LOSSES = ('none', 'last', 'uniform', 'linear', 'final_heavy')
+GATE_INPUTS = ('output', 'input')
+EXIT_GRADS = ('full', 'detach')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 POSITIONS = ('rope', 'learned')
 NORMS = ('rmsnorm', 'layernorm')
@@ -88,6 +90,13 @@ class ModelConfig:
   init_std: float = 0.02
   zero_key_init_std: float = 0.02
   gate_bias_init: float = 3.0
+  # What the token gate reads: the cycle's output y (`output`) or its input
+  # h (`input`, DESIGN.md's prose).
+  gate_input: str = 'output'
+  # `detach`: exit heads before the last read the cycle state through
+  # stop_gradient, so early exit losses train only the tail, final norm and
+  # LM head, never the cycled stack, the pool or the gates.
+  exit_grad: str = 'full'
   scan_layers: bool = True
   remat_policy: str = 'none'
   n_kv_heads: int = 0  # 0: n_heads. Fewer: grouped-query attention.
@@ -136,6 +145,8 @@ class ModelConfig:
     for name, allowed in (('zero_pool', ZERO_POOLS), ('gate', GATES),
                           ('zero_key', ZERO_KEYS),
                           ('exit_loss', EXIT_LOSSES),
+                          ('gate_input', GATE_INPUTS),
+                          ('exit_grad', EXIT_GRADS),
                           ('remat_policy', REMAT_POLICIES),
                           ('mlp', ('swiglu', 'gelu')),
                           ('dtype', tuple(DTYPES)),
@@ -216,12 +227,17 @@ class ModelConfig:
 
 
 def exit_weights(cfg: ModelConfig) -> jax.Array:
-  """Loss weights over cycles [C] for `config.model.exit_loss` (sum to 1)."""
+  """Loss weights over cycles [C] for `config.model.exit_loss` (sum to 1):
+  `last` (and `none`) the last head only, `uniform` all alike, `linear`
+  cycle i gets i + 1, `final_heavy` the last head half, the others share
+  the other half."""
   c = cfg.cycles
   if cfg.exit_loss in ('none', 'last') or not cfg.exit_heads:
     w_C = jnp.zeros((c,)).at[-1].set(1.0)
   elif cfg.exit_loss == 'uniform':
     w_C = jnp.ones((c,))
+  elif cfg.exit_loss == 'final_heavy':
+    w_C = jnp.ones((c,)).at[-1].set(c - 1)
   else:  # linear: cycle i gets weight i + 1.
     w_C = jnp.arange(1, c + 1, dtype=jnp.float32)
   return w_C / w_C.sum()
@@ -544,17 +560,19 @@ def _stack(trees):
 def apply_gate(cfg: ModelConfig, x_BxTxD, y_BxTxD, gate_w_D, gate_b):
   """`x + g * (y - x)` for this cycle's gate; returns `(state, g_BxT)`.
 
-  `g = sigmoid(w . rmsnorm(y) + b)` per token (`token`), `sigmoid(b)`
-  (`scalar`); with `gate='none'` the state is `y` and `g` is None.
+  `g = sigmoid(w . rmsnorm(y) + b)` per token (`token`; `rmsnorm(x)` with
+  `gate_input='input'`), `sigmoid(b)` (`scalar`); with `gate='none'` the
+  state is `y` and `g` is None.
   """
   if cfg.gate == 'none':
     return y_BxTxD, None
   if cfg.gate == 'scalar':
     logit_BxT = jnp.broadcast_to(gate_b, y_BxTxD.shape[:2])
   else:
-    y32 = y_BxTxD.astype(jnp.float32)
-    y32 = y32 * jax.lax.rsqrt(jnp.mean(y32 * y32, -1, keepdims=True) + 1e-6)
-    logit_BxT = y32 @ gate_w_D + gate_b
+    read = y_BxTxD if cfg.gate_input == 'output' else x_BxTxD
+    r32 = read.astype(jnp.float32)
+    r32 = r32 * jax.lax.rsqrt(jnp.mean(r32 * r32, -1, keepdims=True) + 1e-6)
+    logit_BxT = r32 @ gate_w_D + gate_b
   g_BxT = jax.nn.sigmoid(logit_BxT)
   return x_BxTxD + (g_BxT[..., None] * (y_BxTxD - x_BxTxD)).astype(
       y_BxTxD.dtype), g_BxT
@@ -797,6 +815,10 @@ class Transformer(nn.Module):
     # Exit heads: the tail, final norm and LM head after every cycle, run as
     # one batch of C*B sequences; without them only the last state is used.
     c = cfg.cycles if cfg.exit_heads else 1
+    if cfg.exit_heads and cfg.exit_grad == 'detach':
+      # Early heads only read the states; the last one trains everything.
+      ys_CxBxTxD = jnp.concatenate([jax.lax.stop_gradient(ys_CxBxTxD[:-1]),
+                                    ys_CxBxTxD[-1:]])
     h_NxTxD = (ys_CxBxTxD.reshape(c * b, t, -1) if cfg.exit_heads
                else x_BxTxD)
     logits_NxTxV, _ = self.exit_head(h_NxTxD, jnp.tile(positions_BxT, (c, 1)),

@@ -40,4 +40,16 @@ def make_optimizer(train_config) -> tuple[optax.GradientTransformation,
   parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
   parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2,
                            weight_decay=t.weight_decay, mask=decay_mask))
+  check(t.gate_lr_scale > 0,
+        f'train.gate_lr_scale={t.gate_lr_scale} must be > 0')
+  if t.gate_lr_scale != 1:
+    # Only then: the optimizer state of earlier runs keeps its structure.
+    parts.append(optax.masked(optax.scale(t.gate_lr_scale), gate_mask))
   return optax.chain(*parts), schedule
+
+
+def gate_mask(params):
+  """True for the gate's params (`gate_w`, `gate_b`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(k, 'key', None) in ('gate_w', 'gate_b')
+                          for k in path), params)
