@@ -113,6 +113,9 @@ def test_per_token_sweep_decodes_with_the_cache(workdir):
     assert rand['mean_cycles'] == pytest.approx(r['mean_cycles'])
     assert r['mean_cycles'] <= r['cycles_run'] <= 3
     assert r['compute_saved'] == pytest.approx(1 - r['cycles_run'] / 3)
+    by_position = r['mean_cycles_by_position']
+    assert len(by_position) == config.data.seq_len
+    assert np.mean(by_position) == pytest.approx(r['mean_cycles'], abs=1e-3)
 
 
 def test_ztt_eval_writes_json_table_and_plot(workdir, capsys):

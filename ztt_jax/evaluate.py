@@ -115,10 +115,13 @@ def sweep(module, params, batches, criterion: str, thresholds,
         jnp.zeros(b['inputs'].shape, jnp.int32) if forced is None
         else forced[i])) for i, b in enumerate(batches)]
     cycles = [o[1] for o in outs]
-    return dict(per=per, val_loss=float(np.mean([o[0] for o in outs])),
-                mean_cycles=float(np.mean(cycles)),
-                cycles_run=float(np.mean([o[2] for o in outs])),
-                ), cycles
+    stats = dict(per=per, val_loss=float(np.mean([o[0] for o in outs])),
+                 mean_cycles=float(np.mean(cycles)),
+                 cycles_run=float(np.mean([o[2] for o in outs])))
+    if per == 'token':  # Where the rule lets tokens go: by position.
+      stats['mean_cycles_by_position'] = np.concatenate(cycles).mean(
+          0).round(4).tolist()
+    return stats, cycles
 
   def row(**fields):
     stats = fields.pop('stats')
