@@ -5,11 +5,13 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'experiments'))
 import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
+import position  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -87,3 +89,15 @@ def test_report_means_spreads_and_verdicts(tmp_path):
   assert 'within the seed spread' in rows[('ztt_c2', 'vanilla')]
   assert 'missing' in rows[('ztt_c2', 'bc_c2')]
   assert 'missing' in report.main_table(results).splitlines()[3]
+
+
+def test_position_r2_and_buckets():
+  rng = np.random.default_rng(0)
+  by_position = np.broadcast_to(1 / (np.arange(8) + 2), (50, 8))
+  assert position.position_r2(by_position) == pytest.approx(1.0)
+  noise = rng.normal(size=(2000, 8))
+  assert position.position_r2(noise) < 0.01
+  assert position.position_r2(by_position + 0.01 * noise) > 0.9
+  assert position.buckets(64) == [(0, 2), (2, 4), (4, 8), (8, 16), (16, 32),
+                                  (32, 64)]
+  assert position.buckets(5) == [(0, 2), (2, 4), (4, 5)]
