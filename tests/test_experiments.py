@@ -93,7 +93,7 @@ def test_report_means_spreads_and_verdicts(tmp_path):
 
 def test_position_r2_and_buckets():
   rng = np.random.default_rng(0)
-  by_position = np.broadcast_to(1 / (np.arange(8) + 2), (50, 8))
+  by_position = np.broadcast_to(1 / (np.arange(8) + 2), (2000, 8))
   assert position.position_r2(by_position) == pytest.approx(1.0)
   noise = rng.normal(size=(2000, 8))
   assert position.position_r2(noise) < 0.01
