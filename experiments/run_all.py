@@ -1,6 +1,11 @@
-"""Trains every run in `grid.py` that is not finished, then writes the report.
+"""Trains every run of a study that is not finished, then writes the report.
 
     python experiments/run_all.py --data=../shared/data/tinyshakespeare.txt
+    python experiments/run_all.py --study=fair --seeds=0,1,2
+
+`--study=grid` (grid.py, the default: tinyshakespeare, docs/RESULTS.md) or
+`--study=fair` (fair.py: the fair grid in the regime where cycling pays, on
+the builtin stdlib corpus; writes docs/results/summary.json).
 
 One command regenerates docs/RESULTS.md and docs/results/*.png. Runs land in
 `--out` (default runs/experiments/NAME/seedS, with NAME.seedS.log beside);
@@ -15,6 +20,7 @@ cores); compiled programs are shared through a JAX compilation cache in
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import queue
@@ -44,16 +50,19 @@ def finished(path: str, steps: int) -> bool:
 
 
 def train_command(run: grid.Run, seed: int, path: str, data: str,
-                  steps: int) -> list[str]:
+                  steps: int, study=grid) -> list[str]:
+  """ztt-train for one run; `data` '' keeps the study config's data."""
   return [os.path.join(os.path.dirname(sys.executable), 'ztt-train'),
-          f'--config={grid.CONFIG}', f'--workdir={path}',
-          f'--config.data.path={data}', f'--config.train.steps={steps}',
-          *grid.STEP_FLAGS, *run.flags(seed)]
+          f'--config={study.CONFIG}', f'--workdir={path}',
+          *([f'--config.data.path={data}'] if data else []),
+          f'--config.train.steps={steps}', *study.STEP_FLAGS,
+          *run.flags(seed)]
 
 
-def eval_command(path: str) -> list[str]:
+def eval_command(path: str, study=grid) -> list[str]:
   return [os.path.join(os.path.dirname(sys.executable), 'ztt-eval'),
-          f'--workdir={path}', f'--batches={grid.EVAL_BATCHES}']
+          f'--workdir={path}', f'--batches={study.EVAL_BATCHES}',
+          *getattr(study, 'EARLY_EXIT_FLAGS', ())]
 
 
 def _worker(core, jobs: queue.Queue, env: dict, failures: list) -> None:
@@ -92,52 +101,68 @@ def run_jobs(todo, n_jobs: int, env: dict) -> list:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--data', default='../shared/data/tinyshakespeare.txt')
-  p.add_argument('--out', default='runs/experiments')
-  p.add_argument('--steps', type=int, default=grid.STEPS)
-  p.add_argument('--seeds', default=','.join(map(str, grid.SEEDS)))
-  p.add_argument('--ablation_seeds',
-                 default=','.join(map(str, grid.ABLATION_SEEDS)))
+  p.add_argument('--study', default='grid', choices=('grid', 'fair'))
+  p.add_argument('--data', default=None, help='Default: tinyshakespeare '
+                 'for grid, the config\'s own (builtin:stdlib) for fair.')
+  p.add_argument('--out', default=None, help='Default: runs/experiments '
+                 '(grid), runs/fair (fair).')
+  p.add_argument('--steps', type=int, default=None)
+  p.add_argument('--seeds', default=None)
+  p.add_argument('--ablation_seeds', default=None)
   p.add_argument('--only', default='', help='Comma-separated run names.')
   p.add_argument('--jobs', type=int, default=2)
   p.add_argument('--report_only', action='store_true')
   args = p.parse_args()
-  out = os.path.abspath(args.out)
-  data = os.path.abspath(args.data)
-  if not args.report_only and not os.path.isfile(data):
+  study = importlib.import_module(args.study)
+  is_grid = study is grid
+  steps = args.steps or study.STEPS
+  out = os.path.abspath(args.out or ('runs/experiments' if is_grid
+                                     else f'runs/{args.study}'))
+  data = args.data if args.data is not None else (
+      '../shared/data/tinyshakespeare.txt' if is_grid else '')
+  data = os.path.abspath(data) if data else ''
+  if not args.report_only and data and not os.path.isfile(data):
     sys.exit(f'run_all.py: error: --data={args.data}: no such file; pass the '
              'tinyshakespeare text, e.g. ../shared/data/tinyshakespeare.txt')
-  seeds = [int(s) for s in args.seeds.split(',') if s]
-  ablation_seeds = [int(s) for s in args.ablation_seeds.split(',') if s]
+  seeds = [int(s) for s in (args.seeds or ','.join(
+      map(str, study.SEEDS))).split(',') if s]
+  ablation_seeds = [int(s) for s in (args.ablation_seeds or ','.join(
+      map(str, study.ABLATION_SEEDS))).split(',') if s]
   names = set(args.only.split(',')) if args.only else None
   if not args.report_only:
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(
         out, 'jax_cache'), PYTHONUNBUFFERED='1')
     todo = []
-    for run, seed in grid.schedule(seeds, names, ablation_seeds):
+    for run, seed in study.schedule(seeds, names, ablation_seeds):
       path = workdir(out, run.name, seed)
-      if not finished(path, args.steps):
+      if not finished(path, steps):
         todo.append((f'{run.name} seed {seed}',
-                     train_command(run, seed, path, data, args.steps),
+                     train_command(run, seed, path, data, steps, study),
                      path + '.log'))
     print(f'{len(todo)} run(s) to train, {args.jobs} at a time', flush=True)
     failures = run_jobs(todo, args.jobs, env)
     evals = []
-    for name in grid.EARLY_EXIT_RUNS:
+    for name in study.EARLY_EXIT_RUNS:
       path = workdir(out, name, seeds[0])
-      if (finished(path, args.steps)
+      if (finished(path, steps)
           and not os.path.exists(os.path.join(path, 'eval',
                                               'early_exit.json'))):
-        evals.append((f'ztt-eval {name}', eval_command(path),
+        evals.append((f'ztt-eval {name}', eval_command(path, study),
                       path + '.eval.log'))
     failures += run_jobs(evals, 1, env)
     if failures:
       print(f'failed: {", ".join(failures)}', flush=True)
-  import report  # pylint: disable=g-import-not-at-top
-  report.write_report(out, args.steps, os.path.join(REPO, 'docs'),
-                      command=' '.join(['python experiments/run_all.py'] +
-                                       sys.argv[1:]))
+  if is_grid:
+    import report  # pylint: disable=g-import-not-at-top
+    report.write_report(out, steps, os.path.join(REPO, 'docs'),
+                        command=' '.join(['python experiments/run_all.py'] +
+                                         sys.argv[1:]))
+  else:
+    import summary  # pylint: disable=g-import-not-at-top
+    path = os.path.join(REPO, 'docs', 'results', 'summary.json')
+    summary.write_summary(study, out, steps, seeds, ablation_seeds, path)
+    print(f'wrote {path}', flush=True)
 
 
 if __name__ == '__main__':

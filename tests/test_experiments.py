@@ -10,10 +10,12 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'experiments'))
+import fair  # pylint: disable=g-import-not-at-top,wrong-import-position
 import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 import position  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
+import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ztt_jax import model  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -101,3 +103,74 @@ def test_position_r2_and_buckets():
   assert position.buckets(64) == [(0, 2), (2, 4), (4, 8), (8, 16), (16, 32),
                                   (32, 64)]
   assert position.buckets(5) == [(0, 2), (2, 4), (4, 5)]
+
+
+def fair_cfg(run):
+  m = dict(variant='ztt', vocab_size=256, d_model=32, n_heads=2,
+           n_head_layers=1, n_mid_layers=1, n_tail_layers=1, n_cycles=3,
+           zero_pool='auto', gate='auto', exit_loss='auto')
+  m.update({k.split('.', 1)[1]: v for k, v in run.overrides
+            if k.startswith('model.')})
+  return model.ModelConfig.from_config(m)
+
+
+def test_fair_grid_compares_one_change_at_a_time():
+  cfgs = {r.name: fair_cfg(r) for r in fair.MAIN + fair.ABLATIONS}
+  assert len(cfgs) == len(fair.MAIN) + len(fair.ABLATIONS)
+  fields = lambda a, b: {f for f in cfgs[a].__dataclass_fields__
+                         if getattr(cfgs[a], f) != getattr(cfgs[b], f)}
+  for c in (2, 4):
+    for v in ('bc', 'htc', 'ztt'):
+      # With and without exit heads: the objective alone differs.
+      assert fields(f'{v}_c{c}', f'{v}_c{c}_exit') == {'exit_loss'}
+      assert cfgs[f'{v}_c{c}'].exit_loss == 'none'
+    # HTC against ZTT: the zero tokens and the gate, the objective shared.
+    assert fields(f'htc_c{c}_exit', f'ztt_c{c}_exit') == {
+        'variant', 'zero_pool', 'gate'}
+    assert (cfgs[f'vanilla_mid{c}'].executed_layers
+            == cfgs[f'htc_c{c}'].executed_layers)
+  for run in fair.ABLATIONS:
+    changed = fields(run.name, fair.ABLATION_BASE)
+    train_changes = [k for k, _ in run.overrides if k.startswith('train.')]
+    assert len(changed) + len(train_changes) == 1, (run.name, changed)
+
+
+def test_summary_json_reads_the_runs(tmp_path, monkeypatch):
+  out = str(tmp_path)
+  for seed, loss in ((0, 1.61), (1, 1.63)):
+    write_metrics(os.path.join(out, 'vanilla', f'seed{seed}'),
+                  [(5, 2.0), (10, loss)])
+  write_metrics(os.path.join(out, 'htc_c2', 'seed0'), [(5, 2.0)])  # Unfinished.
+  assert summary.finished_losses(out, 'vanilla', (0, 1, 2), 10) == (
+      [0, 1], [1.61, 1.63])
+  monkeypatch.setattr(summary, 'model_fields', lambda path: dict(
+      variant='vanilla', path=os.path.relpath(path, out)))
+  eval_dir = os.path.join(out, 'ztt_c4_exit', 'seed0', 'eval')
+  os.makedirs(eval_dir)
+  with open(os.path.join(eval_dir, 'early_exit.json'), 'w') as f:
+    json.dump([dict(criterion='fixed', fixed_cycles=1, val_loss=1.7,
+                    mean_cycles=1.0, cycles_run=1.0),
+               dict(criterion='zero_weight', threshold=-3.0, val_loss=1.6,
+                    mean_cycles=2.5, cycles_run=3.5),
+               dict(criterion='random', matches=-3.0, val_loss=1.65,
+                    mean_cycles=2.5, cycles_run=4.0)], f)
+  path = str(tmp_path / 'summary.json')
+  written = summary.write_summary(fair, out, 10, (0, 1), (0,), path)
+  assert json.load(open(path)) == written
+  assert written['runs'] == [dict(
+      name='vanilla', variant='vanilla', path=os.path.join('vanilla', 'seed0'),
+      steps=10, seeds=[0, 1], val_loss=[1.61, 1.63])]
+  rows = written['early_exit']
+  assert [r['criterion'] for r in rows] == ['fixed', 'zero_weight', 'random']
+  assert rows[0]['threshold'] is None and rows[2]['threshold'] == -3.0
+  assert all(r['run'] == 'ztt_c4_exit' for r in rows)
+
+
+def test_fair_runs_train_on_the_configs_own_data():
+  cmd = run_all.train_command(fair.by_name('abl_gate_slow'), 1, 'w', '',
+                              fair.STEPS, fair)
+  assert '--config=configs/default.py' in cmd
+  assert not any(a.startswith('--config.data.path') for a in cmd)
+  assert {'--config.model.d_model=32', '--config.train.gate_lr_scale=0.1',
+          '--config.seed=1'} <= set(cmd)
+  assert run_all.eval_command('w', fair)[-3:] == list(fair.EARLY_EXIT_FLAGS)
