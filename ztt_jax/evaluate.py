@@ -199,8 +199,10 @@ def format_table(rows: list[dict]) -> str:
     else:
       op = '<=' if r['criterion'] in exits.LOW_EXITS else '>='
       rule = f"{r['criterion'].replace('_', ' ')} {op} {r['threshold']:.4g}"
+    # Rows saved before cycles_run was counted show none.
+    run = f"{r['cycles_run']:.2f}" if 'cycles_run' in r else 'n/a'
     lines.append(f"| {rule} | {r['val_loss']:.4f} | {r['mean_cycles']:.2f} "
-                 f"| {r['cycles_run']:.2f} | {100 * r['compute_saved']:.0f}% |")
+                 f"| {run} | {100 * r['compute_saved']:.0f}% |")
   return '\n'.join(lines)
 
 
