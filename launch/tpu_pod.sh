@@ -33,11 +33,12 @@ Steps (each printed first; --dry_run prints them and runs nothing):
      the wait with an error.
 
 The workdir must be one directory that every worker sees (checkpoints are
-written by all workers, metrics by worker 0): a Filestore NFS mount or a
-GCS bucket mounted with gcsfuse at the same path on every worker (pass
---mount_bucket=BUCKET to mount gs://BUCKET at /mnt on every worker).
-The data path and the token cache are read on every worker (put the corpus
-on the shared mount or copy it to each worker).
+written by all workers; metrics, tokenizer and token cache by worker 0;
+ztt-train checks this at start): a Filestore NFS mount or a GCS bucket
+mounted with gcsfuse at the same path on every worker (pass
+--mount_bucket=BUCKET to mount gs://BUCKET at /mnt on every worker; a
+gs:// workdir itself is refused). The data path is read on every worker
+(put the corpus on the shared mount or copy it to each worker).
 
 Options:
   --tpu=NAME            the TPU VM (or queued resource) name (required)

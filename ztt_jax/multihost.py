@@ -21,6 +21,8 @@ import os
 import secrets
 from typing import Any, Callable
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from ztt_jax import tokenizers
@@ -55,8 +57,6 @@ class Comms:
   @classmethod
   def from_jax(cls) -> Comms:
     """The running JAX processes (call after jax.distributed.initialize)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_count() == 1:
       return cls.single()
     return cls(
