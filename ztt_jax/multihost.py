@@ -77,7 +77,7 @@ def check_shared_workdir(workdir: str, comms: Comms) -> None:
   """
   if comms.process_count == 1:
     return
-  nonce = int(comms.broadcast(np.int64(secrets.randbits(62))))
+  nonce = int(comms.broadcast(np.int32(secrets.randbits(31))))
   path = os.path.join(workdir, NONCE_NAME)
   if comms.process_index == 0:
     os.makedirs(workdir, exist_ok=True)
