@@ -18,17 +18,27 @@ Steps (each printed first; --dry_run prints them and runs nothing):
      tpu-vm create; with --queued through a queued resource, waiting until
      it is ACTIVE)
   2. unless --skip_install: copy this checkout (a tarball without .venv,
-     runs, .git) to every worker and `pip install -e ".[tpu]"` into
-     ~/ztt_jax/.venv there
+     runs, .git) to every worker and install it there with uv (pip-installed
+     for the user if missing) into ~/ztt_jax/.venv on Python 3.11 (uv
+     fetches it; the TPU VM images have 3.10, too old for jax and orbax):
+     uv venv --python 3.11 .venv; uv pip install -e ".[tpu]"
   3. run ztt-train on every worker (--worker=all); each worker is one JAX
-     process and jax.distributed.initialize() finds the others itself
+     process and jax.distributed.initialize() finds the others itself.
+     It runs under setsid nohup with its output in ~/ztt_train.log on each
+     worker, so it survives this SSH session ending (closing the laptop);
+     this script follows the log until ztt-train exits (--background:
+     returns at once). A stale /tmp/libtpu_lockfile is removed first; a
+     worker where ztt-train is already running refuses to start another.
+     With --queued, a queued resource that turns FAILED or SUSPENDED stops
+     the wait with an error.
 
 The workdir must be one directory that every worker sees (checkpoints are
-written by all workers, metrics by worker 0): a Filestore NFS mount or a
-GCS bucket mounted with gcsfuse at the same path on every worker (pass
---mount_bucket=BUCKET to mount gs://BUCKET at /mnt on every worker).
-The data path and the token cache are read on every worker (put the corpus
-on the shared mount or copy it to each worker).
+written by all workers; metrics, tokenizer and token cache by worker 0;
+ztt-train checks this at start): a Filestore NFS mount or a GCS bucket
+mounted with gcsfuse at the same path on every worker (pass
+--mount_bucket=BUCKET to mount gs://BUCKET at /mnt on every worker; a
+gs:// workdir itself is refused). The data path is read on every worker
+(put the corpus on the shared mount or copy it to each worker).
 
 Options:
   --tpu=NAME            the TPU VM (or queued resource) name (required)
@@ -45,8 +55,8 @@ Options:
   --spot                ask for Spot capacity
   --skip_install        reuse the code already on the workers
   --mount_bucket=NAME   gcsfuse-mount gs://NAME at /mnt on every worker
-  --background          run ztt-train under nohup (log: ~/ztt_train.log on
-                        each worker) and return
+  --background          start ztt-train (log: ~/ztt_train.log on each
+                        worker) and return without following the log
   --dry_run             print the commands, run nothing
   -h, --help            this help
 Every other argument goes to ztt-train.
@@ -139,7 +149,19 @@ if ((create)); then
                  "${where[@]}" '--format=value(state.state)')
       show "${state_cmd[@]}"
       if ! ((dry_run)); then
-        until [[ "$("${state_cmd[@]}")" == ACTIVE ]]; do sleep 30; done
+        while :; do
+          state="$("${state_cmd[@]}")"
+          case "$state" in
+            ACTIVE) break ;;
+            FAILED|SUSPENDED)
+              fail "queued resource $tpu is $state and will not become" \
+                "ACTIVE; see why with: gcloud compute tpus queued-resources" \
+                "describe $tpu ${where[*]}, then delete it" \
+                "(gcloud compute tpus queued-resources delete $tpu" \
+                "${where[*]}) and run this again" ;;
+          esac
+          sleep "${ZTT_QUEUED_POLL_S:-30}"
+        done
       fi
     else
       run "${gcloud_tpu[@]}" tpu-vm create "$tpu" "${where[@]}" \
@@ -157,16 +179,25 @@ if ((install)); then
     --exclude=./.git --exclude='*.egg-info' --exclude=__pycache__ .
   run "${gcloud_tpu[@]}" tpu-vm scp "$tarball" "$tpu:ztt_jax_src.tgz" \
     "${where[@]}" --worker=all
-  on_all_workers 'set -e; mkdir -p ~/ztt_jax && tar -xzf ~/ztt_jax_src.tgz -C ~/ztt_jax && cd ~/ztt_jax && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e ".[tpu]"'
+  # jax, libtpu, orbax and grain need Python >= 3.11; the TPU VM images
+  # ship 3.10, so uv (pip-installed for this user) fetches a 3.11 for the
+  # venv. A .venv left from an older interpreter is rebuilt.
+  # shellcheck disable=SC2016  # $uv expands on the worker.
+  on_all_workers 'set -e; mkdir -p ~/ztt_jax && tar -xzf ~/ztt_jax_src.tgz -C ~/ztt_jax && cd ~/ztt_jax && { command -v uv >/dev/null || [ -x ~/.local/bin/uv ] || python3 -m pip install -q --user uv || curl -LsSf https://astral.sh/uv/install.sh | sh; } && uv=$(command -v uv || echo ~/.local/bin/uv) && { .venv/bin/python -c "import sys; sys.exit(sys.version_info < (3, 11))" 2>/dev/null || { rm -rf .venv && "$uv" venv -q --python 3.11 .venv; }; } && "$uv" pip install -q --python .venv/bin/python -e ".[tpu]"'
 fi
 if [[ -n "$bucket" ]]; then
   on_all_workers "set -e; command -v gcsfuse >/dev/null || { echo 'deb https://packages.cloud.google.com/apt gcsfuse-jammy main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; sudo mkdir -p /mnt && sudo chown \"\$USER\" /mnt; mountpoint -q /mnt || gcsfuse --implicit-dirs $(printf '%q' "$bucket") /mnt"
 fi
 
-# 3. Train: one process per worker, all at once.
+# 3. Train: one process per worker, all at once. ztt-train runs in its own
+# session (setsid nohup, output in ~/ztt_train.log on each worker), so it
+# survives this SSH session ending; in the foreground the log is followed
+# until ztt-train exits, and its exit status is returned. Before it starts:
+# refuse if a ztt-train already holds the TPU there, and clear a stale
+# /tmp/libtpu_lockfile left by a killed one.
 quoted="$(printf '%q ' "${args[@]}")"
-train="cd ~/ztt_jax && .venv/bin/ztt-train ${quoted% }"
-if ((background)); then
-  train="cd ~/ztt_jax && nohup .venv/bin/ztt-train ${quoted% } > ~/ztt_train.log 2>&1 &"
+train="cd ~/ztt_jax && if pgrep -x ztt-train >/dev/null; then echo \"tpu_pod.sh: error: ztt-train is already running on \$(hostname); wait for it or stop it (pkill -x ztt-train)\" >&2; exit 2; fi; sudo -n rm -f /tmp/libtpu_lockfile || rm -f /tmp/libtpu_lockfile; setsid nohup .venv/bin/ztt-train ${quoted% } > ~/ztt_train.log 2>&1 < /dev/null &"
+if ((!background)); then
+  train+=" pid=\$!; tail -n +1 --pid=\$pid -f ~/ztt_train.log; wait \$pid"
 fi
 on_all_workers "$train"

@@ -73,11 +73,21 @@ def test_tpu_pod_dry_run():
   for ssh in (install, run):
     assert ssh[4:6] == ['ssh', 'ztt-pod'] and '--worker=all' in ssh
     assert '--zone=us-west4-a' in ssh
-  assert 'pip install -q -e ".[tpu]"' in install[-1]
-  remote = run[-1][len('--command='):]
-  assert shlex.split(remote)[:4] == ['cd', '~/ztt_jax', '&&',
-                                     '.venv/bin/ztt-train']
-  assert shlex.split(remote)[4:] == TRAIN_ARGS
+  # A Python >= 3.11 venv built by uv (the TPU images have 3.10).
+  assert 'venv -q --python 3.11 .venv' in install[-1]
+  assert 'sys.version_info < (3, 11)' in install[-1]
+  assert 'pip install -q --python .venv/bin/python -e ".[tpu]"' in install[-1]
+  remote = shlex.split(run[-1][len('--command='):])
+  # Refuses beside a running ztt-train, clears a stale lockfile, and runs
+  # in its own session with a log (survives the SSH session), followed.
+  assert 'pgrep' in remote and '/tmp/libtpu_lockfile' in remote
+  start = remote.index('setsid')
+  assert remote[start:start + 3] == ['setsid', 'nohup', '.venv/bin/ztt-train']
+  assert remote[start + 3:start + 3 + len(TRAIN_ARGS)] == TRAIN_ARGS
+  assert remote[start + 3 + len(TRAIN_ARGS):][:6] == [
+      '>', '~/ztt_train.log', '2>&1', '<', '/dev/null', '&']
+  assert remote.index('/tmp/libtpu_lockfile') < start
+  assert 'tail' in remote and remote[-2:] == ['wait', '$pid']
   # Queued resources, reusing the installed code.
   queued = commands(launch('tpu_pod.sh', '--dry_run', '--tpu=q', '--zone=z',
                            '--queued', '--spot', '--skip_install',
@@ -85,6 +95,42 @@ def test_tpu_pod_dry_run():
   assert queued[0][3:5] == ['queued-resources', 'create']
   assert '--spot' in queued[0] and queued[1][4] == 'describe'
   assert len(queued) == 3 and 'ztt-train' in queued[2][-1]
+  # --background returns once started: no tail, no wait.
+  background = commands(launch('tpu_pod.sh', '--dry_run', '--tpu=q',
+                               '--zone=z', '--skip_install', '--background',
+                               *TRAIN_ARGS).stdout)
+  remote = shlex.split(background[-1][-1][len('--command='):])
+  assert remote[-1] == '&' and 'tail' not in remote and 'setsid' in remote
+
+
+_FAKE_GCLOUD = r'''#!/usr/bin/env bash
+# A gcloud whose TPU does not exist and whose queued resource is $QR_STATE.
+echo "$*" >> "$GCLOUD_LOG"
+case "$*" in
+  *"tpu-vm describe"*) exit 1 ;;
+  *"queued-resources describe"*) echo "$QR_STATE" ;;
+esac
+'''
+
+
+@pytest.mark.parametrize('state', ['FAILED', 'SUSPENDED'])
+def test_tpu_pod_queued_wait_stops_on_failure(tmp_path, state):
+  (tmp_path / 'gcloud').write_text(_FAKE_GCLOUD)
+  (tmp_path / 'gcloud').chmod(0o755)
+  log = tmp_path / 'log'
+  result = subprocess.run(
+      ['bash', str(LAUNCH / 'tpu_pod.sh'), '--tpu=q', '--zone=z', '--queued',
+       *TRAIN_ARGS], capture_output=True, text=True, cwd=REPO, timeout=60,
+      env={**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}',
+           'QR_STATE': state, 'GCLOUD_LOG': str(log),
+           'ZTT_QUEUED_POLL_S': '0'})
+  assert result.returncode == 2, result.stderr
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith('tpu_pod.sh: error: queued resource q is ' + state)
+  assert 'queued-resources delete q' in line
+  calls = log.read_text().splitlines()
+  assert 'queued-resources create' in calls[1]
+  assert not any('scp' in c or 'ssh' in c for c in calls)  # Stopped there.
 
 
 def test_tpu_pod_needs_a_name():
@@ -96,16 +142,45 @@ def test_tpu_pod_needs_a_name():
 def test_gpu_slurm_dry_run():
   [per_gpu] = commands(launch('gpu_slurm.sbatch', '--dry_run',
                               *TRAIN_ARGS).stdout)
-  assert per_gpu[:3] == ['srun', '--kill-on-bad-exit=1',
-                         '--ntasks-per-node=8']
-  assert per_gpu[3:6] == ['python3', '-m', 'ztt_jax.commands.train']
-  assert per_gpu[6:] == TRAIN_ARGS
+  # The task count is explicit: srun inherits SLURM_NTASKS from sbatch.
+  assert per_gpu[:5] == ['srun', '--kill-on-bad-exit=1', '--nodes=2',
+                         '--ntasks=16', '--ntasks-per-node=8']
+  assert per_gpu[5:8] == ['python3', '-m', 'ztt_jax.commands.train']
+  assert per_gpu[8:] == TRAIN_ARGS
   [per_node] = commands(launch('gpu_slurm.sbatch', '--dry_run', '--per=node',
                                *TRAIN_ARGS).stdout)
-  assert '--ntasks-per-node=1' in per_node
-  assert '--export=ALL,JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7' in per_node
+  # The comma list goes through the environment, not --export=...,V=0,1.
+  assert per_node[:4] == ['env', 'JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7',
+                          'srun', '--export=ALL']
+  assert '--ntasks=2' in per_node and '--ntasks-per-node=1' in per_node
+  assert not any('JAX_LOCAL' in a for a in per_node[2:])
   result = launch('gpu_slurm.sbatch', *TRAIN_ARGS, check=False)
   assert result.returncode == 2 and 'sbatch' in result.stderr
+
+
+def test_gpu_slurm_sees_the_allocation_size(tmp_path):
+  result = subprocess.run(
+      ['bash', str(LAUNCH / 'gpu_slurm.sbatch'), '--dry_run', *TRAIN_ARGS],
+      capture_output=True, text=True, cwd=tmp_path, timeout=60,
+      env={**os.environ, 'PYTHON': 'python3', 'SLURM_JOB_NUM_NODES': '4',
+           'SLURM_GPUS_ON_NODE': '4'})
+  assert result.returncode == 0, result.stderr
+  [cmd] = commands(result.stdout)
+  assert cmd[2:5] == ['--nodes=4', '--ntasks=16', '--ntasks-per-node=4']
+
+
+def test_gpu_slurm_refuses_old_python(tmp_path):
+  old = tmp_path / 'python3.10'
+  old.write_text('#!/bin/sh\necho 3.10.12\nexit 1\n')
+  old.chmod(0o755)
+  result = subprocess.run(
+      ['bash', str(LAUNCH / 'gpu_slurm.sbatch'), '--dry_run', *TRAIN_ARGS],
+      capture_output=True, text=True, cwd=REPO, timeout=60,
+      env={**os.environ, 'PYTHON': str(old)})
+  assert result.returncode == 2 and not result.stdout
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith('gpu_slurm.sbatch: error: ') and '3.10.12' in line
+  assert '>= 3.11' in line and 'uv venv --python 3.11' in line
 
 
 @pytest.mark.skipif(shutil.which('shellcheck') is None,

@@ -1,5 +1,6 @@
 """Two JAX processes on 127.0.0.1 (two CPU devices each) train as one run."""
 
+import io
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import tempfile
 
 import chex
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -85,6 +87,11 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   loss_1 = losses(workdir / 'process_1' / 'metrics.jsonl')
   assert len(loss_0) == STEPS and loss_0 == loss_1
 
+  # The workdir was checked to be shared (the nonce file is gone again),
+  # and only process 0 wrote the tokenizer.
+  assert not (workdir / '.ztt_shared_workdir_check').exists()
+  assert (workdir / 'tokenizer.json').exists()
+
   # ... which are the losses of one process on one device: the two local
   # halves of each batch make up the single-process batch. (The train step
   # of train.train, without its eval and checkpoints.)
@@ -105,6 +112,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
           state, data.to_global_batch(dataset[step], batch_sharding))
       single_losses.append(float(metrics['loss']))
   np.testing.assert_allclose(loss_0, single_losses, rtol=1e-4)
+  final_state = state
 
   # The checkpoint both processes wrote restores in this one process, and
   # holds the parameters the single process reached.
@@ -117,3 +125,25 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   chex.assert_trees_all_close(params, single_params, rtol=1e-3, atol=1e-5)
   out = module.apply({'params': params}, np.zeros((1, 4), np.int32))
   assert np.isfinite(out.logits).all()
+
+  # Resumed by ONE process (another process count): the checkpoint is
+  # restored resharded, not quarantined, and the data iterator, whose
+  # saved state was per process, is recomputed for step 5: the losses of
+  # steps 5 and 6 are those of the single process continuing.
+  longer = ml_collections.ConfigDict(config.to_dict())
+  longer.train.steps = STEPS + 2
+  stream = io.StringIO()
+  train.train(longer, str(workdir), stream=stream)
+  assert f'(step {STEPS})' in stream.getvalue(), stream.getvalue()
+  assert not (workdir / 'checkpoints_corrupt').exists()
+  resumed = losses(workdir / 'metrics.jsonl')[STEPS:]
+  setup = train.Setup(longer, str(tmp_path / 'single'),
+                      devices=jax.devices()[:1])
+  step_fn, _, _, batch_sharding = setup.jit_train_step()
+  expected, state = [], final_state
+  with setup.context():
+    for step in range(STEPS, STEPS + 2):
+      state, metrics = step_fn(
+          state, data.to_global_batch(dataset[step], batch_sharding))
+      expected.append(float(metrics['loss']))
+  np.testing.assert_allclose(resumed, expected, rtol=1e-4)

@@ -312,7 +312,7 @@ def _check_lengths(options: _Options, n_train: int, n_val: int) -> None:
 
 
 def prepare(data_config: ml_collections.ConfigDict,
-            workdir: str | os.PathLike[str]) -> Corpus:
+            workdir: str | os.PathLike[str], write: bool = True) -> Corpus:
   """Tokenizes the configured corpus (cached) and returns its two splits.
 
   Nothing is written (workdir, tokenizer, cache) unless every check passes.
@@ -321,6 +321,9 @@ def prepare(data_config: ml_collections.ConfigDict,
     data_config: the `data` ConfigDict (path, tokenizer, vocab_size,
       sp_model_type, val_fraction, seq_len, cache_dir).
     workdir: the run directory; holds tokenizer.json (reused when present).
+    write: False: only read (the processes other than 0 of a multi-process
+      run, see multihost.prepare_corpus): the workdir's tokenizer.json must
+      exist, and a token cache that is not there is tokenized in memory.
 
   Returns:
     The Corpus.
@@ -339,6 +342,10 @@ def prepare(data_config: ml_collections.ConfigDict,
     _check_utf8(sources, blobs)
   del blobs
   offset = split_offset(corpus, options.kind, options.val_fraction)
+  check(write or (workdir / tokenizers.JSON_NAME).exists(),
+        f'{str(workdir)!r} has no {tokenizers.JSON_NAME} although process 0 '
+        'prepared the corpus; the workdir must be one directory every '
+        'process sees')
   tokenizer, is_new = _workdir_tokenizer(options, workdir, corpus[:offset])
   sources_sha256 = hashlib.sha256(corpus).hexdigest()
   key = _cache_key(sources_sha256, sources, tokenizer, options.val_fraction)
@@ -357,6 +364,12 @@ def prepare(data_config: ml_collections.ConfigDict,
         'dtype': token_dtype(tokenizer.vocab_size).name,
     }
     _check_lengths(options, train_N.size, val_N.size)
+    dtype = np.dtype(meta['dtype'])
+    if not write:  # In memory, as the cache would hold them.
+      return Corpus(tokenizer=tokenizer,
+                    train_N=np.asarray(train_N, dtype=dtype),
+                    val_N=np.asarray(val_N, dtype=dtype), meta=meta,
+                    cache_path=cache_path)
     if is_new:
       tokenizer.save(workdir)
     _write_cache(cache_path, meta, train_N, val_N)

@@ -41,9 +41,11 @@ from ztt_jax import exits
 from ztt_jax import generate
 from ztt_jax import metrics as metrics_lib
 from ztt_jax import model as model_lib
+from ztt_jax import multihost
 from ztt_jax import optim
 from ztt_jax import sharding
 from ztt_jax.errors import check
+from ztt_jax.errors import check_local_path
 
 
 @flax.struct.dataclass
@@ -137,8 +139,9 @@ class Setup:
     self.rules = sharding.rules(config)
     sharding.check_batch(config.train.batch_size,
                          config.train.grad_accum_steps, self.mesh, self.rules)
-    self.corpus = None if workdir is None else data.prepare(config.data,
-                                                            workdir)
+    # Multi-process: process 0 tokenizes and writes, the others then read.
+    self.corpus = None if workdir is None else multihost.prepare_corpus(
+        config.data, workdir, multihost.Comms.from_jax())
     config = ml_collections.ConfigDict(config.to_dict())
     if self.corpus is not None:
       vocab = self.corpus.tokenizer.vocab_size
@@ -210,12 +213,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   `stop_at` ends this run early at that step, with a checkpoint, as if it
   had been interrupted there (the schedule still follows `train.steps`).
   """
+  check_local_path('--workdir', workdir)
+  if config.init_from:
+    check_local_path('init_from', config.init_from)
   workdir = os.path.abspath(workdir)
   check(not config.init_from
         or os.path.abspath(config.init_from) != workdir,
         f'--workdir={workdir} is the init_from directory, whose checkpoint has '
         'no optimizer state; fine-tune in a new --workdir')
   _check_writable(workdir)
+  multihost.check_shared_workdir(workdir, multihost.Comms.from_jax())
   setup = Setup(config, workdir)
   config, module, model_cfg = setup.config, setup.module, setup.model_cfg
   t = config.train
