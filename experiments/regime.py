@@ -14,7 +14,8 @@ seconds each attempt took in seedS.wall). A finished run (its metrics hold the
 eval of the last step) is skipped, an unfinished one resumes from its last
 checkpoint, so the command can be stopped and started again. `--jobs=2` trains
 two runs at a time, each pinned to one core with `taskset` and run under
-`nice -n 19` (the machine is shared). Compiled programs are shared through a
+`nice -n 19` (the machine is shared); `--cores=1` runs one at a time on
+core 1. Compiled programs are shared through a
 JAX compilation cache in `--out`/jax_cache.
 
 At the end (or alone, with `--report_only`) it reads every run under `--out`
@@ -60,6 +61,30 @@ SETTINGS = {
         '1500 steps (3.1M tokens)',
         model__d_model=64, model__n_heads=4, model__n_mid_layers=1,
         data__seq_len=128, train__batch_size=16, train__lr=3e-3,
+        train__warmup_steps=100, train__steps=1500,
+        train__eval_every_steps=500, checkpoint__every_steps=500),
+    # s1 with half the width (2 heads of 16): ~50K params, saturates sooner.
+    's2_d32_l3_ctx128': _setting(
+        'd_model 32, 2 heads, 1+1+1 layers, context 128, batch 16, lr 3e-3, '
+        '1500 steps (3.1M tokens)',
+        model__d_model=32, model__n_heads=2, model__n_mid_layers=1,
+        data__seq_len=128, train__batch_size=16, train__lr=3e-3,
+        train__warmup_steps=100, train__steps=1500,
+        train__eval_every_steps=500, checkpoint__every_steps=500),
+    # s1 with twice the context (batch halved: same tokens per step).
+    's3_d64_l3_ctx256': _setting(
+        'd_model 64, 4 heads, 1+1+1 layers, context 256, batch 8, lr 3e-3, '
+        '1500 steps (3.1M tokens)',
+        model__d_model=64, model__n_heads=4, model__n_mid_layers=1,
+        data__seq_len=256, train__batch_size=8, train__lr=3e-3,
+        train__warmup_steps=100, train__steps=1500,
+        train__eval_every_steps=500, checkpoint__every_steps=500),
+    # s2 with twice the batch: twice the tokens (6.1M) in as many steps.
+    's4_d32_l3_ctx128_b32': _setting(
+        'd_model 32, 2 heads, 1+1+1 layers, context 128, batch 32, lr 3e-3, '
+        '1500 steps (6.1M tokens)',
+        model__d_model=32, model__n_heads=2, model__n_mid_layers=1,
+        data__seq_len=128, train__batch_size=32, train__lr=3e-3,
         train__warmup_steps=100, train__steps=1500,
         train__eval_every_steps=500, checkpoint__every_steps=500),
 }
@@ -134,12 +159,11 @@ def _worker(core, jobs: queue.Queue, env: dict, failures: list) -> None:
       failures.append(label)
 
 
-def run_jobs(todo, n_jobs: int, env: dict) -> list:
+def run_jobs(todo, cores: list, env: dict) -> list:
   jobs = queue.Queue()
   for item in todo:
     jobs.put(item)
   failures = []
-  cores = [None] if n_jobs == 1 else list(range(n_jobs))
   threads = [threading.Thread(target=_worker, args=(c, jobs, env, failures))
              for c in cores]
   for t in threads:
@@ -267,6 +291,9 @@ def main() -> None:
   p.add_argument('--variants', default='vanilla,htc_c4')
   p.add_argument('--seeds', default='0')
   p.add_argument('--jobs', type=int, default=2)
+  p.add_argument('--cores', default='', help='Comma-separated cores to pin '
+                 'to, one job each (overrides --jobs), e.g. 1 when core 0 '
+                 'is busy; default 0..jobs-1.')
   p.add_argument('--report_only', action='store_true')
   args = p.parse_args()
   out = os.path.abspath(args.out)
@@ -293,8 +320,11 @@ def main() -> None:
           if final_val_loss(path, steps_of(setting)) is None:
             todo.append((f'{setting} {variant} seed {seed}',
                          train_command(setting, variant, seed, path), path))
-    print(f'{len(todo)} run(s) to train, {args.jobs} at a time', flush=True)
-    failures = run_jobs(todo, args.jobs, env)
+    cores = ([int(c) for c in args.cores.split(',') if c] or
+             list(range(args.jobs)))
+    print(f'{len(todo)} run(s) to train, {len(cores)} at a time (cores '
+          f'{cores})', flush=True)
+    failures = run_jobs(todo, cores, env)
     if failures:
       print(f'failed: {", ".join(failures)}', flush=True)
   write_summary(out)
