@@ -208,7 +208,7 @@ def summarize(out: str) -> dict:
       vdir = os.path.join(out, setting, variant)
       if not os.path.isdir(vdir):
         continue
-      per_seed, walls, params = {}, {}, None
+      per_seed, walls, unfinished, params = {}, {}, {}, None
       for name in sorted(os.listdir(vdir)):
         if not name.startswith('seed') or '.' in name:
           continue
@@ -218,13 +218,22 @@ def summarize(out: str) -> dict:
         if loss is not None:
           per_seed[int(name[4:])] = round(loss, 5)
           walls[int(name[4:])] = _wall(path)
-      if not per_seed:
+        else:
+          evals = [r for r in _rows(path) if 'val_loss' in r]
+          if evals:
+            unfinished[int(name[4:])] = {
+                'step': evals[-1]['step'],
+                'val_loss': round(evals[-1]['val_loss'], 5)}
+      if not per_seed and not unfinished:
         continue
       losses = list(per_seed.values())
       entry['variants'][variant] = {
-          'val_loss': per_seed, 'mean': round(sum(losses) / len(losses), 5),
-          'spread': round(max(losses) - min(losses), 5),
-          'params': params, 'wall_s': walls}
+          'val_loss': per_seed,
+          'mean': round(sum(losses) / len(losses), 5) if losses else None,
+          'spread': round(max(losses) - min(losses), 5) if losses else None,
+          'params': params, 'wall_s': walls,
+          # Stopped runs: their last eval (step, val loss).
+          'unfinished': unfinished}
     van = entry['variants'].get('vanilla')
     for variant, v in entry['variants'].items():
       if variant == 'vanilla' or van is None:
@@ -247,13 +256,20 @@ def summarize(out: str) -> dict:
   return summary
 
 
+def _num(x) -> str:
+  return '' if x is None else f'{x:.4f}'
+
+
 def table(summary: dict) -> str:
   lines = ['| setting | tokens | params | variant | val loss per seed | mean '
            '| spread | minus vanilla (per seed) | beats by >2x spread |',
            '|---|---|---|---|---|---|---|---|---|']
   for setting, e in summary['settings'].items():
     for variant, v in e['variants'].items():
-      seeds = ', '.join(f's{s}: {x:.4f}' for s, x in v['val_loss'].items())
+      seeds = ', '.join(
+          [f's{s}: {x:.4f}' for s, x in v['val_loss'].items()] +
+          [f's{s}: stopped, {u["val_loss"]:.4f} at step {u["step"]}'
+           for s, u in v['unfinished'].items()])
       d = e['vs_vanilla'].get(variant)
       diff = beats = ''
       if d:
@@ -264,7 +280,7 @@ def table(summary: dict) -> str:
       lines.append(
           f'| {setting} | {e["tokens"] / 1e6:.2f}M | '
           f'{v["params"] or "?":,} | {VARIANTS[variant][2]} | {seeds} | '
-          f'{v["mean"]:.4f} | {v["spread"]:.4f} | {diff} | {beats} |')
+          f'{_num(v["mean"])} | {_num(v["spread"])} | {diff} | {beats} |')
   return '\n'.join(lines) + '\n'
 
 
