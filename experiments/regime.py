@@ -89,12 +89,18 @@ SETTINGS = {
         train__eval_every_steps=500, checkpoint__every_steps=500),
 }
 
-# name -> (variant, n_cycles or None, label).
+# name -> (variant, n_cycles or None, label, other model overrides). The
+# pairs compared (vanilla against a cycled variant) differ only in
+# model.variant and model.n_cycles; vanilla_mid4 is a reference, not a pair:
+# the equal-compute vanilla of HTC C=4 when the setting has one middle layer
+# (1 + 4 + 1 distinct layers, more parameters).
 VARIANTS = {
-    'vanilla': ('vanilla', None, 'vanilla'),
-    'htc_c2': ('head_tail_cycle', 2, 'HTC C=2'),
-    'htc_c4': ('head_tail_cycle', 4, 'HTC C=4'),
-    'bc_c4': ('basic_cycle', 4, 'BC C=4'),
+    'vanilla': ('vanilla', None, 'vanilla', {}),
+    'htc_c2': ('head_tail_cycle', 2, 'HTC C=2', {}),
+    'htc_c4': ('head_tail_cycle', 4, 'HTC C=4', {}),
+    'bc_c4': ('basic_cycle', 4, 'BC C=4', {}),
+    'vanilla_mid4': ('vanilla', None, 'vanilla, 4 middle layers', {
+        'model.n_mid_layers': 4}),
 }
 
 
@@ -123,9 +129,10 @@ def final_val_loss(path: str, steps: int) -> float | None:
 
 def train_command(setting: str, variant: str, seed: int,
                   path: str) -> list[str]:
-  kind, cycles, _ = VARIANTS[variant]
+  kind, cycles, _, extra = VARIANTS[variant]
   overrides = dict(BASE)
   overrides.update(SETTINGS[setting]['overrides'])
+  overrides.update(extra)
   overrides['model.variant'] = kind
   if cycles is not None:
     overrides['model.n_cycles'] = cycles
@@ -236,7 +243,7 @@ def summarize(out: str) -> dict:
           'unfinished': unfinished}
     van = entry['variants'].get('vanilla')
     for variant, v in entry['variants'].items():
-      if variant == 'vanilla' or van is None:
+      if variant.startswith('vanilla') or van is None:
         continue
       common = sorted(set(v['val_loss']) & set(van['val_loss']))
       if not common:
