@@ -256,6 +256,8 @@ def summarize(out: str) -> dict:
       entry['vs_vanilla'][variant] = {
           'seeds': common, 'diff_per_seed': diffs, 'diff': round(diff, 5),
           'larger_spread': spread,
+          # Same seed = same init seed and data order for both runs.
+          'lower_at_every_seed': all(x < 0 for x in diffs.values()),
           'beats_by_2x_spread': (len(common) >= 2 and diff < 0 and
                                  -diff > 2 * spread)}
     if entry['variants']:
@@ -284,6 +286,9 @@ def table(summary: dict) -> str:
         diff = f'{d["diff"]:+.4f} ({per})'
         beats = ('yes' if d['beats_by_2x_spread'] else
                  'no' if len(d['seeds']) >= 2 else 'n/a (1 seed)')
+        if len(d['seeds']) >= 2:
+          beats += (' (lower at every seed)' if d['lower_at_every_seed']
+                    else ' (not lower at every seed)')
       lines.append(
           f'| {setting} | {e["tokens"] / 1e6:.2f}M | '
           f'{v["params"] or "?":,} | {VARIANTS[variant][2]} | {seeds} | '
