@@ -18,7 +18,7 @@ ZTT C=4 with exit heads at a time.
 
 from __future__ import annotations
 
-from grid import Run, _run  # pylint: disable=unused-import
+from grid import Run, _run, ordered
 
 CONFIG = 'configs/default.py'
 STEPS = 1500
@@ -82,11 +82,7 @@ ABLATION_SEEDS = (0,)
 
 
 def schedule(seeds=SEEDS, names=None, ablation_seeds=ABLATION_SEEDS):
-  """(run, seed) pairs in training order: the main grid seed by seed, then
-  the ablations."""
-  keep = lambda runs: [r for r in runs if names is None or r.name in names]
-  return ([(r, s) for s in seeds for r in keep(MAIN)] +
-          [(r, s) for s in ablation_seeds for r in keep(ABLATIONS)])
+  return ordered(MAIN, ABLATIONS, seeds, names, ablation_seeds)
 
 
 def by_name(name: str) -> Run:

@@ -81,12 +81,16 @@ SEEDS = (0, 1)
 ABLATION_SEEDS = (0,)  # More with run_all.py --ablation_seeds=0,1.
 
 
-def schedule(seeds=SEEDS, names=None, ablation_seeds=ABLATION_SEEDS):
-  """(run, seed) pairs in training order: the main grid at every seed, then
-  the ablations."""
+def ordered(main, ablations, seeds, names, ablation_seeds):
+  """(run, seed) pairs in training order: the main grid seed by seed, then
+  the ablations; only `names` when given."""
   keep = lambda runs: [r for r in runs if names is None or r.name in names]
-  return ([(r, s) for s in seeds for r in keep(MAIN)] +
-          [(r, s) for s in ablation_seeds for r in keep(ABLATIONS)])
+  return ([(r, s) for s in seeds for r in keep(main)] +
+          [(r, s) for s in ablation_seeds for r in keep(ablations)])
+
+
+def schedule(seeds=SEEDS, names=None, ablation_seeds=ABLATION_SEEDS):
+  return ordered(MAIN, ABLATIONS, seeds, names, ablation_seeds)
 
 
 def by_name(name: str) -> Run:

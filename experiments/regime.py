@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import subprocess
 import sys
-import threading
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = run_all.REPO
 CONFIG = 'configs/default.py'
 
 # Shared by every setting unless it overrides them.
@@ -140,44 +139,6 @@ def train_command(setting: str, variant: str, seed: int,
   return ([os.path.join(os.path.dirname(sys.executable), 'ztt-train'),
            f'--config={CONFIG}', f'--workdir={path}'] +
           [f'--config.{k}={v}' for k, v in overrides.items()])
-
-
-def _worker(core, jobs: queue.Queue, env: dict, failures: list) -> None:
-  pin = ['nice', '-n', '19']
-  if core is not None:
-    pin += ['taskset', '-c', str(core)]
-  while True:
-    try:
-      label, cmd, path = jobs.get_nowait()
-    except queue.Empty:
-      return
-    start = time.time()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.log', 'a', encoding='utf-8') as f:
-      rc = subprocess.call(pin + cmd, stdout=f, stderr=subprocess.STDOUT,
-                           cwd=REPO, env=env)
-    seconds = time.time() - start
-    with open(path + '.wall', 'a', encoding='utf-8') as f:
-      f.write(f'{seconds:.1f}\n')
-    status = 'ok' if rc == 0 else f'FAILED (exit {rc}, see {path}.log)'
-    print(f'[{time.strftime("%H:%M:%S")}] {label}: {status} in {seconds:.0f}s',
-          flush=True)
-    if rc:
-      failures.append(label)
-
-
-def run_jobs(todo, cores: list, env: dict) -> list:
-  jobs = queue.Queue()
-  for item in todo:
-    jobs.put(item)
-  failures = []
-  threads = [threading.Thread(target=_worker, args=(c, jobs, env, failures))
-             for c in cores]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  return failures
 
 
 def _params(path: str) -> int | None:
@@ -347,12 +308,13 @@ def main() -> None:
           path = workdir(out, setting, variant, seed)
           if final_val_loss(path, steps_of(setting)) is None:
             todo.append((f'{setting} {variant} seed {seed}',
-                         train_command(setting, variant, seed, path), path))
+                         train_command(setting, variant, seed, path),
+                         path + '.log'))
     cores = ([int(c) for c in args.cores.split(',') if c] or
              list(range(args.jobs)))
     print(f'{len(todo)} run(s) to train, {len(cores)} at a time (cores '
           f'{cores})', flush=True)
-    failures = run_jobs(todo, cores, env)
+    failures = run_all.run_jobs(todo, len(cores), env, cores, nice=19)
     if failures:
       print(f'failed: {", ".join(failures)}', flush=True)
   write_summary(out)

@@ -65,8 +65,11 @@ def eval_command(path: str, study=grid) -> list[str]:
           *getattr(study, 'EARLY_EXIT_FLAGS', ())]
 
 
-def _worker(core, jobs: queue.Queue, env: dict, failures: list) -> None:
-  pin = ['taskset', '-c', str(core)] if core is not None else []
+def _worker(core, jobs: queue.Queue, env: dict, failures: list,
+            nice: int) -> None:
+  pin = ['nice', '-n', str(nice)] if nice else []
+  if core is not None:
+    pin += ['taskset', '-c', str(core)]
   while True:
     try:
       label, cmd, log = jobs.get_nowait()
@@ -77,20 +80,31 @@ def _worker(core, jobs: queue.Queue, env: dict, failures: list) -> None:
     with open(log, 'a', encoding='utf-8') as f:
       rc = subprocess.call(pin + cmd, stdout=f, stderr=subprocess.STDOUT,
                            cwd=REPO, env=env)
+    seconds = time.time() - start
+    # Beside the log: the seconds each attempt took (a resumed run adds one).
+    with open(os.path.splitext(log)[0] + '.wall', 'a',
+              encoding='utf-8') as f:
+      f.write(f'{seconds:.1f}\n')
     status = 'ok' if rc == 0 else f'FAILED (exit {rc}, see {log})'
     print(f'[{time.strftime("%H:%M:%S")}] {label}: {status} '
-          f'in {time.time() - start:.0f}s', flush=True)
+          f'in {seconds:.0f}s', flush=True)
     if rc:
       failures.append(label)
 
 
-def run_jobs(todo, n_jobs: int, env: dict) -> list:
+def run_jobs(todo, n_jobs: int, env: dict, cores=None, nice: int = 0
+             ) -> list:
+  """Runs `(label, command, log)` jobs, `n_jobs` at a time, each pinned to
+  one core (`cores`, default 0..n_jobs-1; unpinned when one job), under
+  `nice` when given. Returns the labels that failed."""
   jobs = queue.Queue()
   for item in todo:
     jobs.put(item)
   failures = []
-  cores = [None] if n_jobs == 1 else list(range(n_jobs))
-  threads = [threading.Thread(target=_worker, args=(c, jobs, env, failures))
+  if cores is None:
+    cores = [None] if n_jobs == 1 else list(range(n_jobs))
+  threads = [threading.Thread(target=_worker,
+                              args=(c, jobs, env, failures, nice))
              for c in cores]
   for t in threads:
     t.start()
