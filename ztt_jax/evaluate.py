@@ -26,9 +26,6 @@ from ztt_jax import exits
 from ztt_jax import generate
 from ztt_jax.errors import check
 
-# Kept here too: the loss every caller of this module reports.
-cross_entropy = exits.cross_entropy
-
 
 def eval_outputs(module, params, batch) -> dict[str, jax.Array]:
   """Per-sequence loss of every exit head, `ce_CxB` (C = 1: the final
