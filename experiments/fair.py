@@ -32,8 +32,6 @@ STEP_FLAGS = (
     '--config.checkpoint.every_steps=500',
     '--config.sample.max_new_tokens=0')
 EVAL_BATCHES = 16  # Of 32 windows: the per-token early-exit sweep's set.
-# Runs whose first seed gets the per-token early-exit sweep (ztt-eval).
-EARLY_EXIT_RUNS = ('ztt_c4_exit', 'htc_c4_exit')
 EARLY_EXIT_FLAGS = ('--per=token', '--random_baseline', '--n_thresholds=4')
 
 _VARIANTS = (('bc', 'basic_cycle', 'BC'), ('htc', 'head_tail_cycle', 'HTC'),
@@ -76,6 +74,19 @@ ABLATIONS.append(Run('abl_gate_slow', 'ablation', 'gate updates x0.1',
                      (('model.variant', 'ztt'), ('model.n_cycles', 4),
                       ('model.exit_loss', 'linear'),
                       ('train.gate_lr_scale', 0.1))))
+
+# The per-token early-exit sweeps (ztt-eval) on each run's first seed, one
+# per exit statistic, each in eval/early_exit_CRITERION.json: the zero-token
+# statistics (the paper's a0 and its position-free weight) against KL on the
+# C=4 run with exit heads; zero weight and KL on every other ZTT run with
+# exit heads, HTC and BC by KL.
+EARLY_EXIT = {
+    'ztt_c4_exit': ('zero_attention', 'zero_weight', 'kl'),
+    'htc_c4_exit': ('kl',), 'bc_c4_exit': ('kl',),
+    'ztt_c2_exit': ('zero_weight', 'kl'),
+    **{r.name: ('zero_weight', 'kl') for r in ABLATIONS},
+}
+EARLY_EXIT_RUNS = tuple(EARLY_EXIT)
 
 SEEDS = (0, 1, 2)
 ABLATION_SEEDS = (0,)

@@ -59,10 +59,25 @@ def train_command(run: grid.Run, seed: int, path: str, data: str,
           *run.flags(seed)]
 
 
-def eval_command(path: str, study=grid) -> list[str]:
+def early_exit_sweeps(study=grid) -> list[tuple[str, str]]:
+  """(run name, criterion) of every early-exit sweep of a study; criterion
+  '' is ztt-eval's default for the run."""
+  per_run = getattr(study, 'EARLY_EXIT', None) or {
+      name: ('',) for name in study.EARLY_EXIT_RUNS}
+  return [(name, c) for name, cs in per_run.items() for c in cs]
+
+
+def eval_name(criterion: str) -> str:
+  """The file stem under eval/ of a sweep by `criterion`."""
+  return f'early_exit_{criterion}' if criterion else 'early_exit'
+
+
+def eval_command(path: str, study=grid, criterion: str = '') -> list[str]:
   return [os.path.join(os.path.dirname(sys.executable), 'ztt-eval'),
           f'--workdir={path}', f'--batches={study.EVAL_BATCHES}',
-          *getattr(study, 'EARLY_EXIT_FLAGS', ())]
+          *getattr(study, 'EARLY_EXIT_FLAGS', ()),
+          *([f'--criterion={criterion}', f'--name={eval_name(criterion)}']
+            if criterion else [])]
 
 
 def _worker(core, jobs: queue.Queue, env: dict, failures: list,
@@ -157,14 +172,15 @@ def main() -> None:
     print(f'{len(todo)} run(s) to train, {args.jobs} at a time', flush=True)
     failures = run_jobs(todo, args.jobs, env)
     evals = []
-    for name in study.EARLY_EXIT_RUNS:
+    for name, criterion in early_exit_sweeps(study):
       path = workdir(out, name, seeds[0])
-      if (finished(path, steps)
-          and not os.path.exists(os.path.join(path, 'eval',
-                                              'early_exit.json'))):
-        evals.append((f'ztt-eval {name}', eval_command(path, study),
-                      path + '.eval.log'))
-    failures += run_jobs(evals, 1, env)
+      stem = eval_name(criterion)
+      if (finished(path, steps) and not os.path.exists(
+          os.path.join(path, 'eval', stem + '.json'))):
+        evals.append((f'ztt-eval {name} {criterion}'.rstrip(),
+                      eval_command(path, study, criterion),
+                      f'{path}.{stem}.log'))
+    failures += run_jobs(evals, args.jobs, env)
     if failures:
       print(f'failed: {", ".join(failures)}', flush=True)
   if is_grid:

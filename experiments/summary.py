@@ -1,5 +1,5 @@
 """docs/results/summary.json: a study's runs and early-exit rows, read from
-the runs' own files (metrics.jsonl, the saved config, eval/early_exit.json).
+the runs' own files (metrics.jsonl, the saved config, eval/early_exit*.json).
 
     python experiments/run_all.py --study=fair --report_only
 
@@ -11,8 +11,9 @@ Format (checked by our own scripts):
                    "cycles_run", "val_loss"}]}
 A run with no finished seed is left out; `val_loss[i]` is seed `seeds[i]`'s
 final validation loss. Early-exit rows: fixed depths have `threshold`
-null and criterion 'fixed' (mean cycles = the depth); random-exit rows carry
-the threshold of the rule whose cycles they deal out.
+null and criterion 'fixed' (mean cycles = the depth), once per run;
+random-exit rows carry the threshold and, in `matches`, the criterion of the
+rule whose cycles they deal out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 
 import report  # pylint: disable=g-import-not-at-top
+import run_all  # pylint: disable=g-import-not-at-top
 
 
 def finished_losses(out: str, name: str, seeds, steps: int
@@ -61,17 +63,40 @@ def run_entry(out: str, run, seeds, steps: int) -> dict | None:
               val_loss=losses)
 
 
-def early_exit_rows(out: str, name: str, seed: int) -> list[dict]:
-  path = os.path.join(out, name, f'seed{seed}', 'eval', 'early_exit.json')
+def read_sweep(out: str, name: str, seed: int, criterion: str
+               ) -> list[dict]:
+  """The rows of one ztt-eval sweep of run `name` ([] when not there)."""
+  path = os.path.join(out, name, f'seed{seed}', 'eval',
+                      run_all.eval_name(criterion) + '.json')
   try:
     with open(path, encoding='utf-8') as f:
-      rows = json.load(f)
+      return json.load(f)
   except (OSError, ValueError):
     return []
-  return [dict(run=name, criterion=r['criterion'],
-               threshold=r.get('threshold', r.get('matches')),
-               mean_cycles=r['mean_cycles'], cycles_run=r['cycles_run'],
-               val_loss=r['val_loss']) for r in rows]
+
+
+def early_exit_rows(out: str, name: str, seed: int, criteria=('',)
+                    ) -> list[dict]:
+  """Summary rows of run `name`'s sweeps, one per criterion; the fixed
+  depths, the same in every sweep, once."""
+  rows, fixed = [], set()
+  for criterion in criteria:
+    sweep = read_sweep(out, name, seed, criterion)
+    rule = [r['criterion'] for r in sweep
+            if r['criterion'] not in ('fixed', 'random')][:1]
+    for r in sweep:
+      if r['criterion'] == 'fixed':
+        if r['fixed_cycles'] in fixed:
+          continue
+        fixed.add(r['fixed_cycles'])
+      rows.append(dict(
+          run=name, criterion=r['criterion'],
+          threshold=r.get('threshold', r.get('matches')),
+          mean_cycles=r['mean_cycles'], cycles_run=r['cycles_run'],
+          val_loss=r['val_loss'],
+          **({'matches': rule[0]} if r['criterion'] == 'random' and rule
+             else {})))
+  return rows
 
 
 def write_summary(study, out: str, steps: int, seeds, ablation_seeds,
@@ -80,8 +105,11 @@ def write_summary(study, out: str, steps: int, seeds, ablation_seeds,
       [run_entry(out, r, seeds, steps) for r in study.MAIN]
       + [run_entry(out, r, ablation_seeds, steps) for r in study.ABLATIONS])
           if e is not None]
-  early = [row for name in study.EARLY_EXIT_RUNS
-           for row in early_exit_rows(out, name, seeds[0])]
+  per_run = {}
+  for name, criterion in run_all.early_exit_sweeps(study):
+    per_run.setdefault(name, []).append(criterion)
+  early = [row for name, criteria in per_run.items()
+           for row in early_exit_rows(out, name, seeds[0], criteria)]
   summary = {'runs': runs, 'early_exit': early}
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:

@@ -134,6 +134,20 @@ def test_ztt_eval_writes_json_table_and_plot(workdir, capsys):
   assert 'wrote' in capsys.readouterr().out
 
 
+def test_ztt_eval_name_keeps_sweeps_side_by_side(workdir):
+  kl = evaluate.run_eval(str(workdir), criterion='kl', batches=1,
+                         n_thresholds=2, name='early_exit_kl')
+  out_dir = workdir / 'eval'
+  assert json.loads((out_dir / 'early_exit_kl.json').read_text()) == kl
+  assert {r['criterion'] for r in kl} == {'fixed', 'kl'}
+  assert (out_dir / 'early_exit_kl.md').exists()
+  before = sorted(p.name for p in out_dir.iterdir())
+  for bad in ('../x', 'a/b', '.hidden', ''):
+    with pytest.raises(ConfigError, match='--name'):
+      evaluate.run_eval(str(workdir), batches=1, name=bad)
+  assert sorted(p.name for p in out_dir.iterdir()) == before
+
+
 def test_ztt_generate_prints_text_and_cycles(workdir, capsys):
   out = generate.run_generate(str(workdir), 'def f(x):', max_new_tokens=12,
                               exit_threshold=0.0, min_cycles=2)

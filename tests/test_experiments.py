@@ -147,13 +147,17 @@ def test_summary_json_reads_the_runs(tmp_path, monkeypatch):
       variant='vanilla', path=os.path.relpath(path, out)))
   eval_dir = os.path.join(out, 'ztt_c4_exit', 'seed0', 'eval')
   os.makedirs(eval_dir)
-  with open(os.path.join(eval_dir, 'early_exit.json'), 'w') as f:
-    json.dump([dict(criterion='fixed', fixed_cycles=1, val_loss=1.7,
-                    mean_cycles=1.0, cycles_run=1.0),
-               dict(criterion='zero_weight', threshold=-3.0, val_loss=1.6,
-                    mean_cycles=2.5, cycles_run=3.5),
-               dict(criterion='random', matches=-3.0, val_loss=1.65,
-                    mean_cycles=2.5, cycles_run=4.0)], f)
+  fixed = dict(criterion='fixed', fixed_cycles=1, val_loss=1.7,
+               mean_cycles=1.0, cycles_run=1.0)
+  for criterion, tau in (('zero_weight', -3.0), ('kl', 0.01)):
+    with open(os.path.join(eval_dir, f'early_exit_{criterion}.json'),
+              'w') as f:
+      json.dump([fixed,
+                 dict(criterion=criterion, threshold=tau, val_loss=1.6,
+                      mean_cycles=2.5, cycles_run=3.5),
+                 dict(criterion='random', matches=tau, val_loss=1.65,
+                      mean_cycles=2.5, cycles_run=4.0)], f)
+  assert fair.EARLY_EXIT['ztt_c4_exit'][1:] == ('zero_weight', 'kl')
   path = str(tmp_path / 'summary.json')
   written = summary.write_summary(fair, out, 10, (0, 1), (0,), path)
   assert json.load(open(path)) == written
@@ -161,9 +165,28 @@ def test_summary_json_reads_the_runs(tmp_path, monkeypatch):
       name='vanilla', variant='vanilla', path=os.path.join('vanilla', 'seed0'),
       steps=10, seeds=[0, 1], val_loss=[1.61, 1.63])]
   rows = written['early_exit']
-  assert [r['criterion'] for r in rows] == ['fixed', 'zero_weight', 'random']
-  assert rows[0]['threshold'] is None and rows[2]['threshold'] == -3.0
+  # The fixed depth once; each rule followed by its random twin.
+  assert [r['criterion'] for r in rows] == [
+      'fixed', 'zero_weight', 'random', 'kl', 'random']
+  assert rows[0]['threshold'] is None
+  assert [(r['threshold'], r['matches']) for r in rows
+          if r['criterion'] == 'random'] == [(-3.0, 'zero_weight'),
+                                             (0.01, 'kl')]
   assert all(r['run'] == 'ztt_c4_exit' for r in rows)
+
+
+def test_fair_sweeps_name_their_criterion():
+  sweeps = run_all.early_exit_sweeps(fair)
+  assert ('ztt_c4_exit', 'zero_attention') in sweeps
+  assert ('htc_c4_exit', 'kl') in sweeps
+  # Zero-token statistics only where the run has zero tokens.
+  for name, criterion in sweeps:
+    variant = dict(fair.by_name(name).overrides)['model.variant']
+    assert variant == 'ztt' or not criterion.startswith('zero')
+  cmd = run_all.eval_command('w', fair, 'kl')
+  assert {'--criterion=kl', '--name=early_exit_kl', '--per=token'} <= set(cmd)
+  assert run_all.early_exit_sweeps(grid) == [('ztt_c4', ''), ('ztt_c2', '')]
+  assert not any(a.startswith('--name') for a in run_all.eval_command('w'))
 
 
 def test_fair_runs_train_on_the_configs_own_data():

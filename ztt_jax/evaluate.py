@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from typing import Any, Mapping
 
@@ -237,11 +238,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 def run_eval(workdir: str, split: str = 'val', criterion: str = '',
              per: str = 'sequence', random_baseline: bool = False,
              n_thresholds: int = 7, min_cycles: int = 1, batches: int = 0,
-             step: int | None = None,
+             step: int | None = None, name: str = 'early_exit',
              overrides: Mapping[str, Any] | None = None,
              stream=None) -> list[dict]:
   """ztt-eval: the early-exit sweep on a trained workdir; writes
-  `eval/early_exit.{json,md,png}` and returns the rows.
+  `eval/{name}.{json,md,png}` and returns the rows.
 
   `overrides` are set on the saved config (see `ztt_jax.load`), e.g.
   {'data.path': 'corpus.txt'} when the saved one does not resolve here.
@@ -249,6 +250,9 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
   stream = stream or sys.stdout
   check(split in ('val', 'train'), f'--split={split!r}: use val or train')
   check(per in PER, f'--per={per!r}: use sequence or token')
+  check(bool(re.fullmatch(r'[A-Za-z0-9._-]+', name)) and name[0] != '.',
+        f'--name={name!r}: use a plain file stem such as early_exit_kl '
+        '(letters, digits, ._-)')
   module, params, config = ztt_jax.load(workdir, step, overrides)
   cfg = module.cfg
   corpus = data.prepare(config.data, workdir)
@@ -263,18 +267,18 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
                                      random_baseline)
   out_dir = os.path.join(os.path.abspath(workdir), 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'early_exit.json'), 'w',
+  with open(os.path.join(out_dir, f'{name}.json'), 'w',
             encoding='utf-8') as f:
     json.dump(rows, f, indent=1)
   table = format_table(rows)
-  with open(os.path.join(out_dir, 'early_exit.md'), 'w',
+  with open(os.path.join(out_dir, f'{name}.md'), 'w',
             encoding='utf-8') as f:
     f.write(table + '\n')
-  plot(rows, os.path.join(out_dir, 'early_exit.png'),
+  plot(rows, os.path.join(out_dir, f'{name}.png'),
        f'{cfg.variant}, {cfg.cycles} cycles, {split} split')
   n_seq = sum(b['inputs'].shape[0] for b in eval_set)
   stream.write(f'early exit on {n_seq} {split} sequences of '
                f'{config.data.seq_len} tokens ({criterion}, per {per}):\n'
-               f'{table}\nwrote {out_dir}/early_exit.json, early_exit.md, '
-               'early_exit.png\n')
+               f'{table}\nwrote {out_dir}/{name}.json, {name}.md, '
+               f'{name}.png\n')
   return rows

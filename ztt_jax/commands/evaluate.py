@@ -3,12 +3,13 @@
     ztt-eval --workdir=runs/demo
     ztt-eval --workdir=runs/demo --per=token --random_baseline
     ztt-eval --workdir=runs/demo --criterion=kl --split=train \\
-        --config.data.path=/data/corpus.txt
+        --config.data.path=/data/corpus.txt --name=early_exit_kl_train
 
 Evaluates every exit head on fixed batches of the validation (or training)
 split, then early exit at a range of thresholds of the exit statistic,
 per sequence or per token (--per), through the real early-exit loop;
-prints the table and writes WORKDIR/eval/early_exit.{json,md,png}. Needs a
+prints the table and writes WORKDIR/eval/NAME.{json,md,png} (NAME:
+--name, default early_exit). Needs a
 cycled model with exit heads (model.exit_loss linear, uniform or last).
 Runs `evaluate.run_eval`.
 """
@@ -43,6 +44,9 @@ class Options:
   min_cycles: int = common.flag(1, 'No exit before this many cycles.')
   batches: int = common.flag(0, 'Eval batches; 0: train.eval_batches.')
   step: int | None = common.step_flag()
+  name: str = common.flag(
+      'early_exit', 'File stem of the results under WORKDIR/eval (keep '
+      'several sweeps side by side).')
 
 
 def main(argv: Sequence[str] | None = None) -> None:
