@@ -1,6 +1,6 @@
-"""Builds docs/RESULTS.md and docs/results/*.png from the experiment runs.
+"""Builds docs/results/shakespeare.md and its plots from the first grid.
 
-    python experiments/run_all.py --report_only
+    python experiments/run_all.py --study=grid --report_only
 
 Reads each run's `metrics.jsonl`, its saved config (distinct params and
 FLOPs per token are computed from it, not copied) and, for the early-exit
@@ -348,7 +348,7 @@ def write_report(out: str, steps: int, docs: str, command: str) -> str:
       notes = f.read().strip()
   text = f"""# Results: ZTT against its baselines on tinyshakespeare
 
-Regenerate with `python experiments/run_all.py
+Regenerate with `python experiments/run_all.py --study=grid
 --data=../shared/data/tinyshakespeare.txt` (trains whatever is missing,
 runs `ztt-eval`, then writes this file with `experiments/report.py`; this
 copy was written by `{command}`, {n_done} of {n_all} runs found). Every
@@ -375,7 +375,7 @@ Differences of the means (negative: A has the lower loss):
 
 {comparisons(results)}
 
-![training curves](results/curves.png)
+![training curves](curves.png)
 
 ## Exit heads, gates and zero-token mass
 
@@ -385,7 +385,7 @@ the zero token, per cycle:
 
 {exit_head_table(results)}
 
-![zero-token mass and gate per cycle](results/zero_attention_gate.png)
+![zero-token mass and gate per cycle](zero_attention_gate.png)
 
 ## Early exit (`ztt-eval`)
 
@@ -397,7 +397,7 @@ its losses are not comparable with the tables above.
 
 {exit_text}
 
-![early exit against fixed depth](results/early_exit.png)
+![early exit against fixed depth](early_exit.png)
 
 ## Ablations of DESIGN.md's readings (ZTT, C=2)
 
@@ -420,7 +420,7 @@ process. Compile: the train step compiled at 2 and at 8 cycles.
 """
   if notes:
     text += '\n' + notes + '\n'
-  path = os.path.join(docs, 'RESULTS.md')
+  path = os.path.join(fig_dir, 'shakespeare.md')
   with open(path, 'w', encoding='utf-8') as f:
     f.write(text)
   print(f'wrote {path} and {fig_dir}/*.png')

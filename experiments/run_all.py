@@ -1,14 +1,16 @@
 """Trains every run of a study that is not finished, then writes the report.
 
-    python experiments/run_all.py --data=../shared/data/tinyshakespeare.txt
-    python experiments/run_all.py --study=fair --seeds=0,1,2
+    python experiments/run_all.py --study=fair
+    python experiments/run_all.py --study=grid \
+        --data=../shared/data/tinyshakespeare.txt
 
-`--study=grid` (grid.py, the default: tinyshakespeare, docs/RESULTS.md) or
-`--study=fair` (fair.py: the fair grid in the regime where cycling pays, on
-the builtin stdlib corpus; writes docs/results/summary.json).
+`--study=fair` (fair.py, the default: the fair grid in the regime where
+cycling pays, on the builtin stdlib corpus; writes
+docs/results/summary.json and docs/RESULTS.md) or `--study=grid` (grid.py,
+the first grid, on tinyshakespeare; docs/results/shakespeare.md).
 
-One command regenerates docs/RESULTS.md and docs/results/*.png. Runs land in
-`--out` (default runs/experiments/NAME/seedS, with NAME.seedS.log beside);
+One command regenerates a study's report and plots. Runs land in
+`--out` (default runs/fair or runs/experiments, NAME/seedS, with NAME.seedS.log beside);
 a finished run (its metrics hold the final eval) is skipped, an unfinished
 one resumes from its last checkpoint, so the command can be stopped and
 started again. `--jobs=2` trains two runs at a time, each pinned to one core
@@ -130,7 +132,7 @@ def run_jobs(todo, n_jobs: int, env: dict, cores=None, nice: int = 0
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--study', default='grid', choices=('grid', 'fair'))
+  p.add_argument('--study', default='fair', choices=('grid', 'fair'))
   p.add_argument('--data', default=None, help='Default: tinyshakespeare '
                  'for grid, the config\'s own (builtin:stdlib) for fair.')
   p.add_argument('--out', default=None, help='Default: runs/experiments '
@@ -193,6 +195,8 @@ def main() -> None:
     path = os.path.join(REPO, 'docs', 'results', 'summary.json')
     summary.write_summary(study, out, steps, seeds, ablation_seeds, path)
     print(f'wrote {path}', flush=True)
+    import fair_report  # pylint: disable=g-import-not-at-top
+    fair_report.write_report(out, os.path.join(REPO, 'docs'), path)
 
 
 if __name__ == '__main__':
