@@ -77,13 +77,14 @@ ABLATIONS.append(Run('abl_gate_slow', 'ablation', 'gate updates x0.1',
 
 # The per-token early-exit sweeps (ztt-eval) on each run's first seed, one
 # per exit statistic, each in eval/early_exit_CRITERION.json: the zero-token
-# statistics (the paper's a0 and its position-free weight) against KL on the
-# C=4 run with exit heads; zero weight and KL on every other ZTT run with
-# exit heads, HTC and BC by KL.
+# statistics (the paper's mass a0, its weight relative to the mean key and
+# its margin over the strongest key) against KL on the C=4 run with exit
+# heads; zero weight and KL on the other ZTT runs with exit heads; HTC and
+# BC by KL.
 EARLY_EXIT = {
-    'ztt_c4_exit': ('zero_attention', 'zero_weight', 'kl'),
+    'ztt_c4_exit': ('zero_attention', 'zero_weight', 'zero_margin', 'kl'),
     'htc_c4_exit': ('kl',), 'bc_c4_exit': ('kl',),
-    'ztt_c2_exit': ('zero_weight', 'kl'),
+    'ztt_c2_exit': ('zero_weight', 'zero_margin', 'kl'),
     **{r.name: ('zero_weight', 'kl') for r in ABLATIONS},
 }
 EARLY_EXIT_RUNS = tuple(EARLY_EXIT)

@@ -227,6 +227,32 @@ def fixed_table(summ: dict) -> str:
   return '\n'.join(lines)
 
 
+POSITION_BANDS = ((0, 4), (4, 16), (16, 64), (64, 128))
+
+
+def position_table(out: str, name: str, criteria) -> str:
+  """Mean cycles run by position band for each rule at its threshold
+  nearest to 2 mean cycles: a statistic that measures position exits early
+  at the start of the window and late at its end."""
+  bands = [f'{a}-{b - 1}' for a, b in POSITION_BANDS]
+  lines = [f'| rule | threshold | mean cycles | '
+           + ' | '.join(f'positions {b}' for b in bands) + ' |',
+           '|---|---|---|' + '---|' * len(bands)]
+  for c in criteria:
+    ruled = [r for r in summary.read_sweep(out, name, 0, c)
+             if r['criterion'] not in ('fixed', 'random')
+             and 'mean_cycles_by_position' in r]
+    if not ruled:
+      continue
+    r = min(ruled, key=lambda r: abs(r['mean_cycles'] - 2))
+    by_pos = r['mean_cycles_by_position']
+    cells = [f'{statistics.fmean(by_pos[a:b]):.2f}' for a, b in
+             POSITION_BANDS if len(by_pos) >= b]
+    lines.append(f'| {r["criterion"]} | {r["threshold"]:.4g} | '
+                 f'{r["mean_cycles"]:.2f} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 # ------------------------------------------------------------------ plots --
 
 
@@ -386,6 +412,11 @@ Fixed depths (the same {fair.EVAL_BATCHES} batches):
 {early_exit_table(summ)}
 
 ![early exit on ZTT C=4 with exit heads](results/fair_early_exit.png)
+
+Where in the window each rule exits (`ztt_c4_exit`, seed 0; mean cycles per
+token by position, each rule at its threshold nearest to 2 mean cycles):
+
+{position_table(out, 'ztt_c4_exit', fair.EARLY_EXIT['ztt_c4_exit'])}
 """
   if notes:
     text += '\n' + notes + '\n'

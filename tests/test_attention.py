@@ -20,16 +20,19 @@ def random_qkvz(seed, scale=1.0):
 def run(q, k, v, z):
   positions_1xT = jnp.arange(T)[None]
   mask = attention.causal_mask(positions_1xT, positions_1xT)
-  out, a0 = jax.jit(attention.zero_token_attention)(
+  out, a0, margin = jax.jit(attention.zero_token_attention)(
       *(jnp.asarray(x, jnp.float32)[None] for x in (q, k, v)), mask,
       None if z is None else jnp.asarray(z, jnp.float32))
-  return np.asarray(out[0]), None if a0 is None else np.asarray(a0[0])
+  if a0 is None:
+    assert margin is None
+    return np.asarray(out[0]), None
+  return np.asarray(out[0]), np.asarray(a0[0]), np.asarray(margin[0])
 
 
 @pytest.mark.parametrize('seed, scale', [(0, 1.0), (1, 3.0), (2, 10.0)])
 def test_matches_float64_reference(seed, scale):
   q, k, v, z = random_qkvz(seed, scale)
-  out, a0 = run(q, k, v, z)
+  out, a0, _ = run(q, k, v, z)
   ref_out, ref_a0, ref_plain = attention.reference_attention_np(q, k, v, z)
   np.testing.assert_allclose(a0, ref_a0, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5 * scale)
@@ -43,20 +46,21 @@ def test_matches_float64_reference(seed, scale):
 
 def test_large_logits_stay_finite():
   q, k, v, z = random_qkvz(3, 300.0)
-  out, a0 = run(q, k, v, z)
+  out, a0, margin = run(q, k, v, z)
   assert np.all(np.isfinite(out)) and np.all(np.isfinite(a0))
+  assert np.all(np.isfinite(margin))
 
 
 def test_zero_key_dominates_when_aligned_with_queries():
   q, k, v, _ = random_qkvz(4)
   z = 50.0 * q.mean(0)  # Large key in the queries' mean direction.
-  _, a0 = run(np.abs(q), k, v, np.abs(z))
+  _, a0, _ = run(np.abs(q), k, v, np.abs(z))
   assert a0.mean() > 0.9
 
 
 def test_first_token_sees_itself_and_the_zero_token_only():
   q, k, v, z = random_qkvz(5)
-  out, a0 = run(q, k, v, z)
+  out, a0, _ = run(q, k, v, z)
   np.testing.assert_allclose(out[0], (1 - a0[0])[:, None] * v[0], rtol=1e-5,
                              atol=1e-6)
 
@@ -82,11 +86,12 @@ def test_zero_log_weight_is_position_free_under_uniform_attention():
   q, k, v, z = random_qkvz(0)
   positions_1xT = jnp.arange(T)[None]
   mask = attention.causal_mask(positions_1xT, positions_1xT)
-  _, a0 = run(np.zeros_like(q), k, v, z)
+  _, a0, margin = run(np.zeros_like(q), k, v, z)
   np.testing.assert_allclose(a0, np.broadcast_to(
       1 / (np.arange(T) + 2)[:, None], (T, H)), rtol=1e-6)
   log_w = attention.zero_log_weight(jnp.asarray(a0)[None], mask)[0]
   np.testing.assert_allclose(log_w, 0.0, atol=1e-5)
+  np.testing.assert_allclose(margin, 0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize('seed, scale', [(0, 1.0), (1, 3.0)])
@@ -94,7 +99,7 @@ def test_zero_log_weight_is_zero_logit_minus_log_mean_exp(seed, scale):
   q, k, v, z = random_qkvz(seed, scale)
   positions_1xT = jnp.arange(T)[None]
   mask = attention.causal_mask(positions_1xT, positions_1xT)
-  _, a0 = run(q, k, v, z)
+  _, a0, margin = run(q, k, v, z)
   log_w = np.asarray(attention.zero_log_weight(jnp.asarray(a0)[None],
                                                mask)[0])
   s0 = np.einsum('thk,hk->th', q, z) / np.sqrt(K)
@@ -103,3 +108,30 @@ def test_zero_log_weight_is_zero_logit_minus_log_mean_exp(seed, scale):
     keys = s[t, :t + 1]  # [t+1, H]
     ref = s0[t] - np.log(np.mean(np.exp(keys), 0))
     np.testing.assert_allclose(log_w[t], ref, rtol=1e-4, atol=1e-4)
+    # The margin: the zero logit over the strongest key the query sees.
+    np.testing.assert_allclose(margin[t], s0[t] - keys.max(0), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(margin[t], np.log(a0[t] / np.max(
+        np.exp(keys - keys.max(0)) * (1 - a0[t]) / np.sum(
+            np.exp(keys - keys.max(0)), 0), 0)), rtol=1e-3, atol=1e-3)
+
+
+def test_zero_margin_is_position_free_when_attention_concentrates():
+  """One strong key (logit 5) and weak ones (logit 0), as trained heads
+  often look: the relative weight rises with the number of weak keys, the
+  margin does not move."""
+  e1 = np.eye(K)[0]
+  q = np.broadcast_to(e1, (T, H, K)).copy()
+  k = np.zeros((T, H, K))
+  k[0] = 5.0 * np.sqrt(K) * e1  # The first key: logit 5 for every query.
+  z = np.broadcast_to(1.0 * np.sqrt(K) * e1, (H, K)).copy()  # Logit 1.
+  _, a0, margin = run(q, k, np.ones((T, H, K)), z)
+  positions_1xT = jnp.arange(T)[None]
+  mask = attention.causal_mask(positions_1xT, positions_1xT)
+  log_w = np.asarray(attention.zero_log_weight(jnp.asarray(a0)[None],
+                                               mask)[0])
+  np.testing.assert_allclose(margin, 1.0 - 5.0, atol=1e-5)
+  n = np.arange(T) + 1  # Keys seen at position t.
+  np.testing.assert_allclose(
+      log_w[:, 0], 1.0 - np.log((np.exp(5.0) + n - 1) / n), atol=1e-4)
+  assert log_w[-1, 0] - log_w[0, 0] > 1.5  # Rises with position.

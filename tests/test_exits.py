@@ -29,7 +29,8 @@ def fake_output(seed=0, c=C):
                                             jnp.float32),
       zero_attention=jnp.asarray(rng.uniform(size=(c, B, T)), jnp.float32),
       zero_weight=jnp.asarray(rng.normal(size=(c, B, T)), jnp.float32),
-      gate=jnp.asarray(rng.uniform(size=(c, B, T)), jnp.float32))
+      gate=jnp.asarray(rng.uniform(size=(c, B, T)), jnp.float32),
+      zero_margin=jnp.asarray(rng.normal(size=(c, B, T)), jnp.float32))
 
 
 @pytest.mark.parametrize('exit_loss, weights', [
@@ -58,8 +59,10 @@ def test_without_exit_heads_the_loss_is_the_final_output():
 def test_output_statistics_against_numpy():
   out = fake_output()
   stats = exits.output_statistics(out)
-  assert set(stats) == {'zero_attention', 'zero_weight', 'gate', 'kl'}
-  np.testing.assert_array_equal(stats['gate'], out.gate)
+  assert set(stats) == {'zero_attention', 'zero_weight', 'zero_margin',
+                        'gate', 'kl'}
+  for k in ('zero_attention', 'zero_weight', 'zero_margin', 'gate'):
+    np.testing.assert_array_equal(stats[k], getattr(out, k))
   logp = np_log_softmax(np.asarray(out.cycle_logits, np.float64))
   kl = (np.exp(logp[1:]) * (logp[1:] - logp[:-1])).sum(-1)
   assert np.all(np.isinf(stats['kl'][0]))

@@ -157,7 +157,8 @@ def test_summary_json_reads_the_runs(tmp_path, monkeypatch):
                       mean_cycles=2.5, cycles_run=3.5),
                  dict(criterion='random', matches=tau, val_loss=1.65,
                       mean_cycles=2.5, cycles_run=4.0)], f)
-  assert fair.EARLY_EXIT['ztt_c4_exit'][1:] == ('zero_weight', 'kl')
+  assert fair.EARLY_EXIT['ztt_c4_exit'][1:] == ('zero_weight', 'zero_margin',
+                                              'kl')
   path = str(tmp_path / 'summary.json')
   written = summary.write_summary(fair, out, 10, (0, 1), (0,), path)
   assert json.load(open(path)) == written

@@ -134,7 +134,8 @@ def test_thresholds_never_and_always_met():
   assert np.all(cycles == 2)
 
 
-@pytest.mark.parametrize('criterion', ['zero_attention', 'zero_weight'])
+@pytest.mark.parametrize('criterion',
+                         ['zero_attention', 'zero_weight', 'zero_margin'])
 def test_per_sequence_exit_freezes_only_exited_sequences(criterion):
   net, params = make('ztt')
   x = tokens()

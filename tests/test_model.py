@@ -77,10 +77,11 @@ def test_output_shapes_and_dtypes(settings):
   chex.assert_type(out.cycle_logits, jnp.float32)
   np.testing.assert_array_equal(out.cycle_logits[-1], out.logits)
   if cfg.zero_pool == 'none':
-    assert out.zero_attention is None
+    assert out.zero_attention is None and out.zero_margin is None
   else:
     chex.assert_shape(out.zero_attention, (c, B, T))
     assert np.all((out.zero_attention > 0) & (out.zero_attention < 1))
+    chex.assert_shape(out.zero_margin, (c, B, T))
   if cfg.gate == 'none':
     assert out.gate is None
   else:

@@ -54,7 +54,7 @@ def zero_token_attention(
     v_BxSxHxK: jax.Array,
     mask_BxTxS: jax.Array,
     zero_key_HxK: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
   """Masked softmax attention over `[zero token, keys]`.
 
   Args:
@@ -65,15 +65,17 @@ def zero_token_attention(
     zero_key_HxK: the zero token's key per head, or None for plain attention.
 
   Returns:
-    `(out_BxTxHxK, a0_BxTxH)`; `a0` is the softmax mass on the zero token
-    (None without a zero token). The softmax runs in float32 with its max
-    subtracted; `out` is in the dtype of `v`.
+    `(out_BxTxHxK, a0_BxTxH, margin_BxTxH)`; `a0` is the softmax mass on the
+    zero token and `margin` the zero token's logit minus the largest logit of
+    a real key, `log(a0 / max_s p_s)` (both None without a zero token). The
+    softmax runs in float32 with its max subtracted; `out` is in the dtype
+    of `v`.
   """
   scale = 1.0 / np.sqrt(q_BxTxHxK.shape[-1])
   s_BxHxTxS = logits(q_BxTxHxK, k_BxSxHxK, mask_BxTxS)
   if zero_key_HxK is None:
     p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1)
-    a0_BxTxH = None
+    a0_BxTxH = margin_BxTxH = None
   else:
     s0_BxHxTx1 = jnp.einsum('bthk,hk->bht', q_BxTxHxK.astype(jnp.float32),
                             zero_key_HxK.astype(jnp.float32))[..., None] * scale
@@ -82,9 +84,11 @@ def zero_token_attention(
     # The zero token's value is zero: it only takes mass away from the keys.
     p_BxHxTxS = full_BxHxTx1S[..., 1:]
     a0_BxTxH = jnp.transpose(full_BxHxTx1S[..., 0], (0, 2, 1))
+    margin_BxTxH = jnp.transpose(s0_BxHxTx1[..., 0] - s_BxHxTxS.max(-1),
+                                 (0, 2, 1))
   out_BxTxHxK = jnp.einsum('bhts,bshk->bthk', p_BxHxTxS.astype(v_BxSxHxK.dtype),
                            v_BxSxHxK)
-  return out_BxTxHxK, a0_BxTxH
+  return out_BxTxHxK, a0_BxTxH, margin_BxTxH
 
 
 def zero_log_weight(a0_BxTxH: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
@@ -93,7 +97,10 @@ def zero_log_weight(a0_BxTxH: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
   i.e. the zero logit minus the log-mean-exp of the key logits.
 
   The zero-token mass `a0` is `1 / (n + 1)` under uniform attention, so it
-  falls with position; this statistic is 0 at every position then.
+  falls with position; this statistic is 0 at every position then. When
+  attention concentrates on a few keys it rises with log n instead (the
+  mean key weight falls while the zero token competes with the few); the
+  margin (`zero_token_attention`) is position-free in both cases.
   """
   n_BxTx1 = mask_BxTxS.sum(-1, dtype=jnp.float32)[..., None]
   a0 = jnp.clip(a0_BxTxH.astype(jnp.float32), 1e-30, 1 - 1e-7)

@@ -10,8 +10,13 @@ thresholds, the training summary) and of one decoding step
 Criteria, after cycle c, per token:
   zero_attention  mean zero-token mass of cycle c      exits when >= threshold
   zero_weight     mean log relative weight of the      exits when >= threshold
-                  zero token in cycle c (position-free,
+                  zero token in cycle c (position-free
+                  under uniform attention,
                   attention.zero_log_weight)
+  zero_margin     mean logit margin of the zero token  exits when >= threshold
+                  over the strongest real key in cycle
+                  c (position-free under uniform and
+                  under concentrated attention)
   gate            mean gate value of cycle c           exits when <= threshold
   kl              KL(p_c || p_{c-1}) of successive     exits when <= threshold
                   exit heads (+inf after cycle 1)
@@ -34,8 +39,10 @@ import optax
 from ztt_jax import model as model_lib
 from ztt_jax.errors import check
 
-CRITERIA = ('none', 'fixed', 'zero_attention', 'zero_weight', 'gate', 'kl')
-ZERO_CRITERIA = ('zero_attention', 'zero_weight')  # Need zero tokens.
+CRITERIA = ('none', 'fixed', 'zero_attention', 'zero_weight', 'zero_margin',
+            'gate', 'kl')
+# Need zero tokens.
+ZERO_CRITERIA = ('zero_attention', 'zero_weight', 'zero_margin')
 # Criteria whose statistic exits a row when it is at or *below* a threshold.
 LOW_EXITS = ('gate', 'kl')
 

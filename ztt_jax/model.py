@@ -258,14 +258,19 @@ class ModelOutput:
   # weight (attention.zero_log_weight), mean over heads and layers.
   zero_weight: jax.Array | None = None
   gate: jax.Array | None = None  # [C, B, T] gate value per cycle.
+  # [C, B, T]: the zero token's logit minus the largest real-key logit
+  # (attention.zero_token_attention), mean over heads and layers.
+  zero_margin: jax.Array | None = None
 
 
 @flax.struct.dataclass
 class ZeroStats:
   """What a layer's attention reports about its zero token, per head or
-  meaned: the softmax mass on it and its log relative weight."""
+  meaned: the softmax mass on it, its log weight relative to the mean key
+  and its logit margin over the strongest key."""
   mass: jax.Array
   log_weight: jax.Array
+  margin: jax.Array
 
 
 def _dense_init(cfg: ModelConfig, axes: tuple[str, ...], scale: float = 1.0):
@@ -400,10 +405,11 @@ class Attention(nn.Module):
       self.sow('intermediates', 'key_lse', jax.nn.logsumexp(
           attention.logits(q_BxTxHxK, k_BxTxGxK, mask_BxTxS), -1
       ).transpose(0, 2, 1))
-    out_BxTxHxK, a0_BxTxH = attention.zero_token_attention(
+    out_BxTxHxK, a0_BxTxH, margin_BxTxH = attention.zero_token_attention(
         q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, zero_key_HxK)
     zero = None if a0_BxTxH is None else ZeroStats(
-        a0_BxTxH, attention.zero_log_weight(a0_BxTxH, mask_BxTxS))
+        a0_BxTxH, attention.zero_log_weight(a0_BxTxH, mask_BxTxS),
+        margin_BxTxH)
     return self.out(out_BxTxHxK), zero, cache
 
 
@@ -585,6 +591,7 @@ class CycleOutput:
   zero_weight: jax.Array | None  # [B, T] mean over heads and layers.
   gate: jax.Array | None  # [B, T].
   cache: Any = None  # This cycle's (k, v), each [L, B, S, G, K].
+  zero_margin: jax.Array | None = None  # [B, T] mean over heads and layers.
 
 
 class Cycle(nn.Module):
@@ -608,7 +615,8 @@ class Cycle(nn.Module):
     return y_BxTxD, CycleOutput(
         zero_attention=None if zero is None else zero.mass,
         zero_weight=None if zero is None else zero.log_weight,
-        gate=g_BxT, cache=cache)
+        gate=g_BxT, cache=cache,
+        zero_margin=None if zero is None else zero.margin)
 
 
 def expand_pool(cfg: ModelConfig, pool):
@@ -826,7 +834,8 @@ class Transformer(nn.Module):
     logits_CxBxTxV = logits_NxTxV.reshape(c, b, t, -1)
     out = ModelOutput(logits=logits_CxBxTxV[-1], cycle_logits=logits_CxBxTxV,
                       zero_attention=cycles_C.zero_attention,
-                      zero_weight=cycles_C.zero_weight, gate=cycles_C.gate)
+                      zero_weight=cycles_C.zero_weight, gate=cycles_C.gate,
+                      zero_margin=cycles_C.zero_margin)
     chex.assert_shape(out.logits, (b, t, cfg.vocab_size))
     return out
 

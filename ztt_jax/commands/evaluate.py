@@ -31,8 +31,8 @@ class Options:
   split: str = common.flag('val', 'The split to evaluate on.',
                            choices=('val', 'train'))
   criterion: str = common.flag(
-      '', 'Exit statistic: zero_attention, zero_weight, gate or kl; empty: '
-      'zero_attention with zero tokens, else kl.')
+      '', 'Exit statistic: zero_attention, zero_weight, zero_margin, gate '
+      'or kl; empty: zero_attention with zero tokens, else kl.')
   per: str = common.flag(
       'sequence', 'Who exits: each sequence (one pass per batch) or each '
       'token (decoded one at a time with the KV cache, as ztt-generate '

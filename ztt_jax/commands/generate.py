@@ -32,8 +32,8 @@ class Options:
   exit_threshold: float | None = common.flag(
       None, 'Early-exit threshold; unset: no early exit, every cycle runs.')
   exit_criterion: str = common.flag(
-      'zero_attention', 'Exit statistic: zero_attention, zero_weight, gate, '
-      'kl or fixed.')
+      'zero_attention', 'Exit statistic: zero_attention, zero_weight, '
+      'zero_margin, gate, kl or fixed.')
   min_cycles: int = common.flag(1, 'No exit before this many cycles.')
   step: int | None = common.step_flag()
 
