@@ -209,6 +209,21 @@ def test_ztt_eval_overrides_the_saved_config(workdir, tmp_path, monkeypatch):
   assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
+def test_kl_sweep_at_two_cycles_has_fixed_depths_only():
+  """KL after cycle 1 has no previous head (+inf): with C=2 no token can
+  exit early by KL, so the sweep is the two fixed depths, not a crash."""
+  config = tiny.get_config('head_tail_cycle')
+  config.model.update(vocab_size=64, n_cycles=2, exit_loss='linear')
+  module = model.build(config.model)
+  tokens_BxT = jnp.asarray(np.arange(2 * 9).reshape(2, 9) % 64)
+  params = module.init(jax.random.key(0), tokens_BxT)['params']
+  batches = [{'inputs': tokens_BxT[:, :-1], 'targets': tokens_BxT[:, 1:]}]
+  criterion, rows = evaluate.early_exit_sweep(module, params, batches, 'kl',
+                                              n_thresholds=3)
+  assert criterion == 'kl'
+  assert [r.get('fixed_cycles') for r in rows] == [1, 2]
+
+
 @pytest.mark.parametrize('variant, exit_loss, message', [
     ('head_tail_cycle', 'auto', 'head_tail_cycle model has no exit heads'),
     ('ztt', 'none', 'ztt model has no exit heads'),

@@ -177,8 +177,10 @@ def early_exit_sweep(module, params, batches, criterion: str = '',
   pooled = np.concatenate([per_row(s[criterion][:-1]).ravel()
                            for s in stats])
   pooled = pooled[np.isfinite(pooled)]
-  thresholds = np.unique(np.quantile(pooled, np.linspace(0.1, 0.9,
-                                                         n_thresholds)))
+  # Empty when no early cycle has a finite statistic (KL at C=2: there is
+  # no previous head to compare cycle 1's with): fixed depths only.
+  thresholds = np.unique(np.quantile(pooled, np.linspace(
+      0.1, 0.9, n_thresholds))) if pooled.size else np.zeros(0)
   if criterion in exits.LOW_EXITS:  # Exit when <= threshold: low ones first.
     thresholds = thresholds[::-1]
   return criterion, sweep(module, params, batches, criterion, thresholds,
