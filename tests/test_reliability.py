@@ -10,6 +10,7 @@ import sys
 import sysconfig
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -127,16 +128,22 @@ def test_nan_stops_naming_the_step_and_keeps_checkpoints(tmp_path, corpus):
 
 
 def test_nan_skip_policy_drops_the_update_and_goes_on(tmp_path, corpus):
-  config = config_for(corpus, steps=8, inject_nan_at_step=5,
+  config = config_for(corpus, steps=8, inject_nan_at_step=7,
                       nan_policy='skip')
+  config.checkpoint.every_steps = 1  # Keeps steps 6, 7 (skipped) and 8.
   stream = io.StringIO()
   train.train(config, str(tmp_path / 'run'), stream=stream)
-  assert 'non-finite loss or gradients at step 5: update skipped' in (
+  assert 'non-finite loss or gradients at step 7: update skipped' in (
       stream.getvalue())
   loss = losses(tmp_path / 'run')
-  assert np.isnan(loss[5]) and np.isfinite(loss[8])
-  _, params, _ = ztt_jax.load(tmp_path / 'run')
-  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+  assert np.isnan(loss[7]) and np.isfinite(loss[8])
+  params = {s: ztt_jax.load(tmp_path / 'run', step=s)[1] for s in (6, 7, 8)}
+  # The skipped step left every param as step 6 left it, bit for bit ...
+  chex.assert_trees_all_equal(params[6], params[7])
+  # ... and training went on from there.
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(params[7]), jax.tree.leaves(params[8])))
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params[8]))
 
 
 def test_mistyped_override_is_one_line_exit_2(tmp_path):
