@@ -3,7 +3,10 @@
 import io
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ztt_jax import metrics
 
@@ -38,6 +41,31 @@ def test_progress_bar():
   assert metrics.progress_bar(10, 10, width=4) == '[####]'
 
 
-def test_matmul_peak_is_plausible():
-  peak = metrics.measure_matmul_peak(n=256, repeats=2)
-  assert 1e8 < peak < 1e15
+class _Clock:
+  """A stand-in for the time module whose perf_counter reads `ticks`."""
+
+  def __init__(self, ticks):
+    self._ticks = iter(ticks)
+
+  def perf_counter(self):
+    return next(self._ticks)
+
+
+def test_matmul_peak_is_xla_flops_over_the_fastest_repeat(monkeypatch):
+  m, k, n = 48, 40, 24
+  # XLA's own FLOP count of the op, not metrics' formula.
+  lhs, rhs = jnp.ones((m, k)), jnp.ones((k, n))
+  cost = jax.jit(jnp.matmul).lower(lhs, rhs).compile().cost_analysis()
+  flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+  # Three timed repeats of 3 s, 2 s and 5 s: the fastest one counts.
+  monkeypatch.setattr(metrics, 'time',
+                      _Clock([0.0, 3.0, 10.0, 12.0, 20.0, 25.0]))
+  peak = metrics.measure_matmul_peak(shape=(m, k, n), repeats=3)
+  assert peak == pytest.approx(flops / 2.0)
+  # The square default: n x n by n x n.
+  cost = jax.jit(jnp.matmul).lower(jnp.ones((32, 32)), jnp.ones(
+      (32, 32))).compile().cost_analysis()
+  flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+  monkeypatch.setattr(metrics, 'time', _Clock([0.0, 0.5]))
+  assert metrics.measure_matmul_peak(n=32, repeats=1) == pytest.approx(
+      flops / 0.5)

@@ -10,6 +10,7 @@ import sys
 import sysconfig
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -52,9 +53,50 @@ def subprocess_env(tmp_path):
 
 
 @pytest.mark.slow
-def test_random_kill_9_then_resume_is_exact(tmp_path):
-  assert crash_loop.main(['--trials=2', '--kills=1', '--steps=15',
-                          f'--root={tmp_path}']) == 0
+def test_random_kill_9_then_resume_is_exact(tmp_path, capsys):
+  """One kill after a logged step, one while an async save is written; the
+  restarts reuse this session's compiled programs (conftest's cache)."""
+  code = crash_loop.main(['--trials=1', '--kills=2', '--steps=12',
+                          f'--root={tmp_path}', '--xla_cache='
+                          f'{jax.config.jax_compilation_cache_dir}'])
+  out = capsys.readouterr().out
+  report = json.loads(out.splitlines()[-1])
+  assert report['kills'] == report['kills_landed'] == 2, out
+  assert report['restarts_resumed'] == 2, out
+  assert report['saves_cut'] >= 1, out
+  assert report['trials'] == report['exact'] == 1, out
+  assert code == 0
+
+
+def _fake_run(workdir, *dirs, step=None):
+  """A command that makes checkpoint dirs, logs `step`, then sleeps."""
+  return [sys.executable, '-c', '; '.join(
+      ['import json, os, time']
+      + [f'os.makedirs({str(workdir / "checkpoints" / d)!r})' for d in dirs]
+      + ([] if step is None else [
+          f'open({str(workdir / "metrics.jsonl")!r}, "w").write(json.dumps('
+          f'{{"step": {step}, "loss": 1.0}}) + "\\n")'])
+      + ['time.sleep(120)'])]
+
+
+def test_crash_loop_tells_landed_kills_and_cut_saves_from_misses(tmp_path):
+  env, run = dict(os.environ), tmp_path / 'run'
+  kill = crash_loop.Kill('step', 4)
+  crash_loop.kill_when_seen(_fake_run(run, '3', step=4), env,
+                            str(tmp_path / 'a.log'), str(run), kill)
+  assert kill.landed and kill.seen == 'step 4 logged'
+  assert kill.cut_save is None
+  kill = crash_loop.Kill('save', 5)
+  crash_loop.kill_when_seen(
+      _fake_run(run, '6', f'9{crash_loop.TMP_SUFFIX}'), env,
+      str(tmp_path / 'b.log'), str(run), kill)
+  assert kill.landed and kill.seen == 'save 9 in progress'
+  assert kill.cut_save == 9
+  # A run that ends before the point it waits for: the kill misses.
+  kill = crash_loop.Kill('step', 50)
+  crash_loop.kill_when_seen([sys.executable, '-c', 'pass'], env,
+                            str(tmp_path / 'c.log'), str(run), kill)
+  assert not kill.landed and not kill.seen
 
 
 @pytest.mark.slow
@@ -127,16 +169,22 @@ def test_nan_stops_naming_the_step_and_keeps_checkpoints(tmp_path, corpus):
 
 
 def test_nan_skip_policy_drops_the_update_and_goes_on(tmp_path, corpus):
-  config = config_for(corpus, steps=8, inject_nan_at_step=5,
+  config = config_for(corpus, steps=8, inject_nan_at_step=7,
                       nan_policy='skip')
+  config.checkpoint.every_steps = 1  # Keeps steps 6, 7 (skipped) and 8.
   stream = io.StringIO()
   train.train(config, str(tmp_path / 'run'), stream=stream)
-  assert 'non-finite loss or gradients at step 5: update skipped' in (
+  assert 'non-finite loss or gradients at step 7: update skipped' in (
       stream.getvalue())
   loss = losses(tmp_path / 'run')
-  assert np.isnan(loss[5]) and np.isfinite(loss[8])
-  _, params, _ = ztt_jax.load(tmp_path / 'run')
-  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+  assert np.isnan(loss[7]) and np.isfinite(loss[8])
+  params = {s: ztt_jax.load(tmp_path / 'run', step=s)[1] for s in (6, 7, 8)}
+  # The skipped step left every param as step 6 left it, bit for bit ...
+  chex.assert_trees_all_equal(params[6], params[7])
+  # ... and training went on from there.
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(params[7]), jax.tree.leaves(params[8])))
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params[8]))
 
 
 def test_mistyped_override_is_one_line_exit_2(tmp_path):

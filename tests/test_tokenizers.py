@@ -1,7 +1,10 @@
 """Tests for ztt_jax.tokenizers."""
 
+import errno
 import json
+import os
 import pathlib
+import tempfile
 import textwrap
 
 import numpy as np
@@ -208,7 +211,45 @@ def test_load_sentencepiece_without_model_is_config_error(tmp_path):
     tokenizers.load_tokenizer(tmp_path)
 
 
-def test_failed_build_writes_nothing(tmp_path):
-  with pytest.raises(ConfigError):
+def test_failed_build_writes_nothing(tmp_path, monkeypatch):
+  """SentencePiece trains in memory: a failed build leaves nothing where it
+  could write, the working directory or the temporary directory."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('TMPDIR', str(tmp_path))
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+  with pytest.raises(ConfigError, match='vocab_size=5000'):
     tokenizers.build_tokenizer('sentencepiece', b'tiny', vocab_size=5000)
   assert not list(tmp_path.iterdir())
+
+
+_REAL_REPLACE = os.replace
+
+
+def _replace_failing_at(n: int):
+  """os.replace that fails like a full disk on its n-th call (from 0)."""
+  calls = []
+
+  def replace(src, dst):
+    calls.append(dst)
+    if len(calls) == n + 1:
+      raise OSError(errno.ENOSPC, 'No space left on device', str(dst))
+    _REAL_REPLACE(src, dst)
+  return replace
+
+
+def test_failed_save_leaves_no_partial_files(tmp_path, monkeypatch,
+                                             sp_tokenizer):
+  # The first file (tokenizer.model) fails: the directory stays empty.
+  monkeypatch.setattr(tokenizers.os, 'replace', _replace_failing_at(0))
+  with pytest.raises(OSError, match='No space'):
+    sp_tokenizer.save(tmp_path / 'a')
+  assert not list((tmp_path / 'a').iterdir())
+  # tokenizer.json (written last) fails: no temporary file is left, and
+  # without it the directory does not pass for a saved tokenizer.
+  monkeypatch.setattr(tokenizers.os, 'replace', _replace_failing_at(1))
+  with pytest.raises(OSError, match='No space'):
+    sp_tokenizer.save(tmp_path / 'b')
+  assert [p.name for p in (tmp_path / 'b').iterdir()] == [
+      tokenizers.SP_MODEL_NAME]
+  with pytest.raises(ConfigError, match='no such tokenizer file'):
+    tokenizers.load_tokenizer(tmp_path / 'b')
