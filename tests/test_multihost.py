@@ -4,9 +4,12 @@ import io
 import json
 import os
 import pathlib
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import chex
 import jax
@@ -41,6 +44,10 @@ class EveryProcessWriter(metrics.MetricWriter):
     super().__init__(workdir, total_steps, True, stream)
 
 train.metrics_lib.MetricWriter = EveryProcessWriter
+if os.environ.get('ZTT_TEST_STOP_AT'):  # train(stop_at=...), as if stopped.
+  train_fn = train.train
+  train.train = lambda config, workdir: train_fn(
+      config, workdir, stop_at=int(os.environ['ZTT_TEST_STOP_AT']))
 train_command.main()
 '''
 
@@ -147,3 +154,99 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
           state, data.to_global_batch(dataset[step], batch_sharding))
       expected.append(float(metrics['loss']))
   np.testing.assert_allclose(resumed, expected, rtol=1e-4)
+
+
+def process_commands(args, devices_per_process=1) -> list[list[str]]:
+  """Each process's command line, from launch/multiprocess_cpu.sh."""
+  listing = subprocess.run(
+      ['bash', str(REPO / 'launch' / 'multiprocess_cpu.sh'), '--dry_run',
+       f'--devices_per_process={devices_per_process}', *args],
+      capture_output=True, text=True, check=True, cwd=REPO,
+      env={**os.environ, 'PYTHON': sys.executable})
+  return [shlex.split(line) for line in listing.stdout.splitlines()]
+
+
+def single_process_losses(config, tmp_path, steps, state=None):
+  """Losses of steps 1..`steps` of one process on one device (the train
+  step of train.train, without its eval and checkpoints)."""
+  setup = train.Setup(config, str(tmp_path / 'single'),
+                      devices=jax.devices()[:1])
+  step_fn, _, shardings, batch_sharding = setup.jit_train_step()
+  dataset = data.make_train_dataset(setup.corpus.train_N,
+                                    config.data.seq_len,
+                                    config.train.batch_size, config.seed)
+  result = []
+  with setup.context():
+    state = jax.jit(setup.init_state, out_shardings=shardings)(
+        jax.random.key(config.seed))
+    for step in range(steps):
+      state, metrics = step_fn(
+          state, data.to_global_batch(dataset[step], batch_sharding))
+      result.append(float(metrics['loss']))
+  return result
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
+  """SIGTERM to process 1 only: JAX's preemption sync manager tells
+  process 0 too, both save one checkpoint at the same step and exit 143,
+  and the resumed run continues with the losses of an uninterrupted one."""
+  long_steps = 500  # Far more than run before the signal takes effect.
+  workdir = tmp_path / 'run'
+  driver = tmp_path / 'driver.py'
+  driver.write_text(_DRIVER, encoding='utf-8')
+  config_settings = {**settings(corpus), 'train.steps': long_steps,
+                     'checkpoint.every_steps': long_steps}
+  overrides = [f'--config.{k}={v}' for k, v in config_settings.items()]
+  commands = process_commands(
+      [f'--program={sys.executable} {driver}',
+       f'--config={REPO}/configs/tiny.py', f'--workdir={workdir}',
+       '--config.mesh.data=2', *overrides])
+  env = {**os.environ, 'PYTHONPATH': str(REPO),
+         'ZTT_CACHE_DIR': str(tmp_path / 'cache'),
+         'JAX_COMPILATION_CACHE_DIR': os.path.join(
+             tempfile.gettempdir(), f'ztt_jax_test_xla_cache_{os.getuid()}')}
+  env.pop('XLA_FLAGS', None)
+
+  def start(extra_env=None):
+    return [subprocess.Popen(cmd, env={**env, **(extra_env or {})}, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for cmd in commands]
+
+  def finish(procs):
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+  procs = start()
+  metrics_1 = workdir / 'process_1' / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      metrics_1.exists() and len(metrics_1.read_text().splitlines()) >= 3):
+    assert all(p.poll() is None for p in procs), finish(procs)
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  codes, outs = finish(procs)
+  assert codes == [143, 143], outs
+
+  # One checkpoint, at the step both processes stopped at.
+  stops = [int(out.split('stopped by a preemption notice at step ')[1]
+               .split(':')[0]) for out in outs]
+  stop = stops[0]
+  assert stops == [stop, stop] and 3 <= stop < long_steps, outs
+  assert os.listdir(workdir / 'checkpoints') == [str(stop)]
+  loss_0 = losses(workdir / 'metrics.jsonl')
+  assert len(loss_0) == stop
+  assert losses(metrics_1) == loss_0
+
+  # Resumed by both processes for two more steps.
+  codes, outs = finish(start({'ZTT_TEST_STOP_AT': str(stop + 2)}))
+  assert codes == [0, 0], outs
+  assert f'(step {stop})' in outs[0], outs[0]
+  resumed = losses(workdir / 'metrics.jsonl')
+  assert len(resumed) == stop + 2 and resumed[:stop] == loss_0
+
+  config = tiny.get_config('ztt')
+  for dotted, value in config_settings.items():
+    section, name = dotted.split('.')
+    config[section][name] = value
+  np.testing.assert_allclose(
+      resumed, single_process_losses(config, tmp_path, stop + 2), rtol=1e-4)

@@ -27,6 +27,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -297,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
     last_eval = {}
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     preempted = None
-    with _PreemptionSignals() as signals:
+    with _StopSignals(jax.process_count() > 1) as signals:
       while step < end:
         local_batch = next(data_iter)
         batch = data.to_global_batch(local_batch, batch_sharding)
@@ -327,8 +328,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
             row.update(last_eval)
           writer.console(step, writer.write(step, row))
           t_last, last_log = time.perf_counter(), step
-        if signals.received or ckpt.manager.reached_preemption(step):
-          preempted = signals.received or 'a preemption notice'
+        preempted = signals.check(step)
+        if preempted:
           break
     if preempted:
       if ckpt.latest_step() != step:
@@ -360,20 +361,54 @@ class TrainingDiverged(RuntimeError):
   """A non-finite loss or gradient with `train.nan_policy='stop'`."""
 
 
-class _PreemptionSignals:
-  """Turns SIGTERM / SIGINT into a flag the loop checks after every step,
-  so it can save a checkpoint and exit cleanly (see `EXIT_CODES`)."""
+class _StopSignals:
+  """When the loop stops early for a signal: `check(step)` after every step
+  returns what stopped it (a key of `EXIT_CODES`) or None.
+
+  One process: our own SIGTERM and SIGINT handlers set a flag; the loop
+  stops after the step in flight, saves it and exits 143 or 130.
+
+  Several processes: a signal may reach one host only, or each host at a
+  different step, yet all of them must save the same step together (the
+  save is a collective). `jax.distributed.initialize()` starts JAX's
+  preemption sync manager, whose notifier owns SIGTERM: a SIGTERM on any
+  process is passed to all of them through the coordination service, they
+  agree on the step after the furthest one, and
+  `reached_preemption_sync_point(step)` is True at that step on every
+  process, those that got no signal included. So no handler of ours is
+  installed for SIGTERM (it would replace JAX's notifier), and SIGINT,
+  which JAX does not watch, is sent on to this process as SIGTERM. Every
+  process then stops with 'a preemption notice' (exit 143).
+  """
+
+  def __init__(self, multi_process: bool):
+    self.multi_process = multi_process
 
   def __enter__(self):
     self.received, self._old = None, {}
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
+      if self.multi_process:
+        self._old[signal.SIGINT] = signal.signal(signal.SIGINT,
+                                                 self._forward_as_sigterm)
+      else:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+          self._old[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
     self.received = signal.Signals(signum).name
+
+  def _forward_as_sigterm(self, signum, frame):
+    del signum, frame
+    os.kill(os.getpid(), signal.SIGTERM)  # To JAX's notifier.
+
+  def check(self, step: int) -> str | None:
+    if self.multi_process:
+      if multihost_utils.reached_preemption_sync_point(step):
+        return 'a preemption notice'
+      return None
+    return self.received
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
