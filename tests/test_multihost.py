@@ -250,3 +250,94 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
     config[section][name] = value
   np.testing.assert_allclose(
       resumed, single_process_losses(config, tmp_path, stop + 2), rtol=1e-4)
+
+
+# Each process: for each mesh, the rows it reads of a batch of 8 (from the
+# batch sharding), whether every one of its devices holds exactly the rows
+# of the one-process batch that its shard covers, and whether the gathered
+# global batch is the one-process batch; written to OUT/process_I.json.
+_ROWS_DRIVER = r'''
+import json, os, sys
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+from ztt_jax import configlib, data, sharding
+from ztt_jax.errors import ConfigError
+
+flags = dict(a[2:].split('=', 1) for a in sys.argv[1:])
+sharding.maybe_initialize_distributed(flags['coordinator_address'],
+                                      int(flags['num_processes']),
+                                      int(flags['process_id']))
+tokens_N = np.arange(5000, dtype=np.uint16)
+B, T, SEED = 8, 16, 3
+rules = sharding.rules(configlib.base_config())
+one_process = data.make_train_dataset(tokens_N, T, B, SEED)
+report = {}
+for name, mesh in json.loads(os.environ['ZTT_TEST_MESHES']).items():
+  config = ml_collections.ConfigDict(
+      {'data': -1, 'fsdp': 1, 'tensor': 1, **mesh})
+  try:
+    mesh = sharding.make_mesh(config)
+  except ConfigError as e:
+    report[name] = {'error': str(e)}
+    continue
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  rows_R = sharding.process_rows(batch_sharding, (B, T))
+  dataset = data.make_train_dataset(tokens_N, T, B, SEED, rows_R)
+  shards_ok = global_ok = True
+  for step in (0, 7):
+    batch = data.to_global_batch(dataset[step], batch_sharding, B)
+    want = one_process[step]
+    for key, array in batch.items():
+      for shard in array.addressable_shards:
+        shards_ok &= np.array_equal(np.asarray(shard.data),
+                                    want[key][shard.index])
+      gathered = multihost_utils.process_allgather(array, tiled=True)
+      global_ok &= np.array_equal(np.asarray(gathered), want[key])
+  report[name] = {'mesh': dict(mesh.shape), 'rows': rows_R.tolist(),
+                  'shards_ok': bool(shards_ok), 'global_ok': bool(global_ok)}
+with open(os.path.join(os.environ['ZTT_TEST_OUT'],
+                       f'process_{jax.process_index()}.json'), 'w') as f:
+  json.dump(report, f)
+'''
+
+
+def run_rows_driver(tmp_path, num_processes, devices_per_process, meshes):
+  driver = tmp_path / 'rows_driver.py'
+  driver.write_text(_ROWS_DRIVER, encoding='utf-8')
+  commands = process_commands(
+      [f'--num_processes={num_processes}',
+       f'--program={sys.executable} {driver}'], devices_per_process)
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'ZTT_TEST_OUT': str(tmp_path),
+         'ZTT_TEST_MESHES': json.dumps(meshes)}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for cmd in commands]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0] * num_processes, outs
+  reports = [json.loads((tmp_path / f'process_{i}.json').read_text())
+             for i in range(num_processes)]
+  return {name: [r[name] for r in reports] for name in meshes}
+
+
+def test_rows_follow_the_batch_sharding_across_processes(tmp_path):
+  """Four processes of one CPU device each. Where the tensor axis spans
+  processes, the processes holding one data shard read the same rows;
+  every device holds exactly its rows of the one-process batch."""
+  got = run_rows_driver(tmp_path, 4, 1, {
+      # data shard 0 on processes 0 and 1, shard 1 on 2 and 3.
+      'tensor_across': {'data': 2, 'tensor': 2},
+      # One data shard, replicated on every process.
+      'tensor_only': {'data': 1, 'tensor': 4},
+      'data_only': {'data': -1},
+  })
+  for name in ('tensor_across', 'tensor_only', 'data_only'):
+    for report in got[name]:
+      assert report['shards_ok'] and report['global_ok'], (name, report)
+  assert [r['rows'] for r in got['tensor_across']] == [
+      [0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+  assert [r['rows'] for r in got['tensor_only']] == [list(range(8))] * 4
+  assert [r['rows'] for r in got['data_only']] == [
+      [0, 1], [2, 3], [4, 5], [6, 7]]

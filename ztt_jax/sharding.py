@@ -131,6 +131,22 @@ def batch_shards(mesh, axis_rules) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+def process_rows(sharding: jax.sharding.Sharding,
+                 global_shape: tuple[int, ...]) -> np.ndarray:
+  """The rows of a `global_shape` batch that this process's devices hold,
+  ascending: what it reads (data.make_train_dataset).
+
+  Derived from the sharding, not the process index: processes whose
+  devices hold replicas of the same rows (a tensor axis across processes)
+  get the same rows, and the global batch stays one array whatever the
+  process layout.
+  """
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(global_shape).values():
+    rows.update(range(global_shape[0])[index[0]])
+  return np.asarray(sorted(rows), dtype=np.int64)
+
+
 def check_batch(batch_size: int, grad_accum_steps: int, mesh,
                 axis_rules) -> None:
   """Raises ConfigError unless every micro-batch splits evenly over rows."""

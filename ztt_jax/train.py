@@ -201,12 +201,6 @@ class Setup:
       yield
 
 
-def _local_rows(batch: dict, process_index: int, process_count: int) -> dict:
-  n = batch['inputs'].shape[0] // process_count
-  return {k: v[process_index * n:(process_index + 1) * n]
-          for k, v in batch.items()}
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
           stop_at: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the final summary.
@@ -236,9 +230,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
                     in_shardings=(shardings.params, batch_sharding),
                     out_shardings=sharding.replicated(setup.mesh))
 
+  # This process's rows of every batch: those its devices hold.
+  rows_R = sharding.process_rows(batch_sharding,
+                                 (t.batch_size, config.data.seq_len))
   dataset = data.make_train_dataset(
       setup.corpus.train_N, config.data.seq_len, t.batch_size, config.seed,
-      jax.process_index(), jax.process_count())
+      rows_R)
   data_iter = data.make_train_iterator(dataset)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  config.checkpoint.every_steps,
@@ -274,9 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
           jax.random.key(config.seed))
 
     eval_set = [
-        data.to_global_batch(
-            _local_rows(b, jax.process_index(), jax.process_count()),
-            batch_sharding)
+        data.to_global_batch({k: v[rows_R] for k, v in b.items()},
+                             batch_sharding, t.batch_size)
         for b in data.eval_batches(setup.corpus.val_N, config.data.seq_len,
                                    t.batch_size, t.eval_batches)
     ] if len(setup.corpus.val_N) > config.data.seq_len else []
@@ -301,7 +297,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
     with _StopSignals(jax.process_count() > 1) as signals:
       while step < end:
         local_batch = next(data_iter)
-        batch = data.to_global_batch(local_batch, batch_sharding)
+        batch = data.to_global_batch(local_batch, batch_sharding,
+                                     t.batch_size)
         state, step_metrics = step_fn(state, batch)
         step += 1
         if not bool(jax.device_get(step_metrics['finite'])):
