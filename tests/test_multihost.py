@@ -276,7 +276,7 @@ one_process = data.make_train_dataset(tokens_N, T, B, SEED)
 report = {}
 for name, mesh in json.loads(os.environ['ZTT_TEST_MESHES']).items():
   config = ml_collections.ConfigDict(
-      {'data': -1, 'fsdp': 1, 'tensor': 1, **mesh})
+      {'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, **mesh})
   try:
     mesh = sharding.make_mesh(config)
   except ConfigError as e:
@@ -332,8 +332,11 @@ def test_rows_follow_the_batch_sharding_across_processes(tmp_path):
       # One data shard, replicated on every process.
       'tensor_only': {'data': 1, 'tensor': 4},
       'data_only': {'data': -1},
+      # Processes are the granules on CPU: one per data row block.
+      'dcn': {'data': 1, 'dcn_data': 4},
+      'dcn_mismatch': {'data': -1, 'dcn_data': 2},
   })
-  for name in ('tensor_across', 'tensor_only', 'data_only'):
+  for name in ('tensor_across', 'tensor_only', 'data_only', 'dcn'):
     for report in got[name]:
       assert report['shards_ok'] and report['global_ok'], (name, report)
   assert [r['rows'] for r in got['tensor_across']] == [
@@ -341,3 +344,25 @@ def test_rows_follow_the_batch_sharding_across_processes(tmp_path):
   assert [r['rows'] for r in got['tensor_only']] == [list(range(8))] * 4
   assert [r['rows'] for r in got['data_only']] == [
       [0, 1], [2, 3], [4, 5], [6, 7]]
+  assert got['dcn'][0]['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  assert [r['rows'] for r in got['dcn']] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  for report in got['dcn_mismatch']:
+    assert report['error'].startswith(
+        'mesh.dcn_data=2 but the 4 devices are in 4 processes; set '
+        'mesh.dcn_data=4'), report
+
+
+def test_dcn_across_two_processes_with_two_devices_each(tmp_path):
+  """mesh.dcn_data=2 over two processes of two CPU devices: each process is
+  one granule, laid out (data=1, fsdp=1, tensor=2) inside, and the two are
+  stacked along data."""
+  got = run_rows_driver(tmp_path, 2, 2, {
+      'dcn': {'data': 1, 'tensor': 2, 'dcn_data': 2},
+      'tensor_across': {'data': 1, 'tensor': 4},
+  })
+  for name in got:
+    for report in got[name]:
+      assert report['shards_ok'] and report['global_ok'], (name, report)
+  assert got['dcn'][0]['mesh'] == {'data': 2, 'fsdp': 1, 'tensor': 2}
+  assert [r['rows'] for r in got['dcn']] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert [r['rows'] for r in got['tensor_across']] == [list(range(8))] * 2

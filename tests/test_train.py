@@ -124,6 +124,7 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, corpus):
     ('valid', {'model.n_heads': 5}, 'model.n_heads'),
     ('valid', {'train.grad_accum_steps': 3}, 'grad_accum_steps'),
     ('valid', {'mesh.data': 3}, 'config.mesh'),
+    ('valid', {'mesh.dcn_data': 2}, 'mesh.dcn_data=2'),
     ('valid', {'data.tokenizer': 'words'}, 'tokenizer'),
     ('binary', {'data.tokenizer': 'char'}, 'UTF-8'),
     ('valid', {'data.seq_len': 100_000}, 'seq_len'),
