@@ -294,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
     last_eval = {}
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     preempted = None
-    with _StopSignals(jax.process_count() > 1) as signals:
+    with _StopSignals(jax.process_count() > 1, step) as signals:
       while step < end:
         local_batch = next(data_iter)
         batch = data.to_global_batch(local_batch, batch_sharding,
@@ -376,13 +376,22 @@ class _StopSignals:
   installed for SIGTERM (it would replace JAX's notifier), and SIGINT,
   which JAX does not watch, is sent on to this process as SIGTERM. Every
   process then stops with 'a preemption notice' (exit 143).
+
+  JAX stops at the step after the furthest one it has been told of, so it
+  is told the start step on entry: a notice during the first (compiling)
+  step of a resumed run still stops it. One before that, while a resumed
+  run prepares the corpus or restores, is not acted on (JAX then picks step
+  1, already past): the run goes on until the platform kills it.
   """
 
-  def __init__(self, multi_process: bool):
+  def __init__(self, multi_process: bool, start_step: int = 0):
     self.multi_process = multi_process
+    self.start_step = start_step
 
   def __enter__(self):
     self.received, self._old = None, {}
+    if self.multi_process:
+      multihost_utils.reached_preemption_sync_point(self.start_step)
     if threading.current_thread() is threading.main_thread():
       if self.multi_process:
         self._old[signal.SIGINT] = signal.signal(signal.SIGINT,
