@@ -76,6 +76,7 @@ def test_validate_checks_every_section():
       ('data.sp_model_type', 'words', 'data.sp_model_type'),
       ('data.val_fraction', 0.6, 'data.val_fraction'),
       ('checkpoint.keep', 0, 'checkpoint.keep'),
+      ('mesh.dcn_data', 0, 'mesh.dcn_data=0 must be a positive integer'),
       ('model.n_cycles', 0, 'model.n_cycles'),
       ('train.lr', 0.0, 'train.lr')]:
     config = configlib.override(tiny.get_config('ztt'), {path: value})

@@ -330,23 +330,34 @@ def test_batches_are_pure_function_of_seed_and_step():
   assert not np.array_equal(ds_a[0]['inputs'], ds_c[0]['inputs'])
 
 
-def test_process_shards_are_disjoint():
+def test_process_rows_are_rows_of_the_one_global_batch():
+  """Whatever rows a process reads, they are those rows of the batch one
+  process reads for the same step; replicas asking for the same rows get
+  the same windows."""
   tokens_N = _arange_tokens(5000)
-  shards = [data.make_train_dataset(tokens_N, SEQ_LEN, 8, seed=3,
-                                    process_index=p, process_count=2)
+  full = data.make_train_dataset(tokens_N, SEQ_LEN, 8, seed=3)
+  halves = [data.make_train_dataset(tokens_N, SEQ_LEN, 8, seed=3,
+                                    rows_R=range(4 * p, 4 * p + 4))
             for p in range(2)]
-  for step in range(20):
-    starts_0 = set(shards[0][step]['inputs'][:, 0].tolist())
-    starts_1 = set(shards[1][step]['inputs'][:, 0].tolist())
-    assert len(starts_0) == len(starts_1) == 4
-    assert not starts_0 & starts_1
-  chex.assert_shape(shards[1][0]['inputs'], (4, SEQ_LEN))
+  odd = data.make_train_dataset(tokens_N, SEQ_LEN, 8, seed=3,
+                                rows_R=[1, 3, 5, 7])
+  replica = data.make_train_dataset(tokens_N, SEQ_LEN, 8, seed=3,
+                                    rows_R=[1, 3, 5, 7])
+  for step in (0, 1, 19, 10**6):
+    want = full[step]
+    for name in ('inputs', 'targets'):
+      np.testing.assert_array_equal(
+          np.concatenate([h[step][name] for h in halves]), want[name])
+      np.testing.assert_array_equal(odd[step][name], want[name][1::2])
+      np.testing.assert_array_equal(replica[step][name], odd[step][name])
+  chex.assert_shape(halves[1][0]['inputs'], (4, SEQ_LEN))
 
 
-def test_indivisible_batch_is_config_error():
-  with pytest.raises(ConfigError, match='divisible'):
-    data.make_train_dataset(_arange_tokens(100), SEQ_LEN, 7, seed=0,
-                            process_index=0, process_count=2)
+def test_bad_rows_or_seq_len_is_config_error():
+  for rows in ([], [2, 1], [0, 8]):
+    with pytest.raises(ConfigError, match='ascending rows'):
+      data.make_train_dataset(_arange_tokens(100), SEQ_LEN, 8, seed=0,
+                              rows_R=rows)
   with pytest.raises(ConfigError, match='data.seq_len'):
     data.make_train_dataset(_arange_tokens(8), SEQ_LEN, 2, seed=0)
 

@@ -4,9 +4,12 @@ import io
 import json
 import os
 import pathlib
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import chex
 import jax
@@ -41,6 +44,10 @@ class EveryProcessWriter(metrics.MetricWriter):
     super().__init__(workdir, total_steps, True, stream)
 
 train.metrics_lib.MetricWriter = EveryProcessWriter
+if os.environ.get('ZTT_TEST_STOP_AT'):  # train(stop_at=...), as if stopped.
+  train_fn = train.train
+  train.train = lambda config, workdir: train_fn(
+      config, workdir, stop_at=int(os.environ['ZTT_TEST_STOP_AT']))
 train_command.main()
 '''
 
@@ -147,3 +154,215 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
           state, data.to_global_batch(dataset[step], batch_sharding))
       expected.append(float(metrics['loss']))
   np.testing.assert_allclose(resumed, expected, rtol=1e-4)
+
+
+def process_commands(args, devices_per_process=1) -> list[list[str]]:
+  """Each process's command line, from launch/multiprocess_cpu.sh."""
+  listing = subprocess.run(
+      ['bash', str(REPO / 'launch' / 'multiprocess_cpu.sh'), '--dry_run',
+       f'--devices_per_process={devices_per_process}', *args],
+      capture_output=True, text=True, check=True, cwd=REPO,
+      env={**os.environ, 'PYTHON': sys.executable})
+  return [shlex.split(line) for line in listing.stdout.splitlines()]
+
+
+def single_process_losses(config, tmp_path, steps, state=None):
+  """Losses of steps 1..`steps` of one process on one device (the train
+  step of train.train, without its eval and checkpoints)."""
+  setup = train.Setup(config, str(tmp_path / 'single'),
+                      devices=jax.devices()[:1])
+  step_fn, _, shardings, batch_sharding = setup.jit_train_step()
+  dataset = data.make_train_dataset(setup.corpus.train_N,
+                                    config.data.seq_len,
+                                    config.train.batch_size, config.seed)
+  result = []
+  with setup.context():
+    state = jax.jit(setup.init_state, out_shardings=shardings)(
+        jax.random.key(config.seed))
+    for step in range(steps):
+      state, metrics = step_fn(
+          state, data.to_global_batch(dataset[step], batch_sharding))
+      result.append(float(metrics['loss']))
+  return result
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
+  """SIGTERM to process 1 only: JAX's preemption sync manager tells
+  process 0 too, both save one checkpoint at the same step and exit 143,
+  and the resumed run continues with the losses of an uninterrupted one."""
+  long_steps = 500  # Far more than run before the signal takes effect.
+  workdir = tmp_path / 'run'
+  driver = tmp_path / 'driver.py'
+  driver.write_text(_DRIVER, encoding='utf-8')
+  config_settings = {**settings(corpus), 'train.steps': long_steps,
+                     'checkpoint.every_steps': long_steps}
+  overrides = [f'--config.{k}={v}' for k, v in config_settings.items()]
+  commands = process_commands(
+      [f'--program={sys.executable} {driver}',
+       f'--config={REPO}/configs/tiny.py', f'--workdir={workdir}',
+       '--config.mesh.data=2', *overrides])
+  env = {**os.environ, 'PYTHONPATH': str(REPO),
+         'ZTT_CACHE_DIR': str(tmp_path / 'cache'),
+         'JAX_COMPILATION_CACHE_DIR': os.path.join(
+             tempfile.gettempdir(), f'ztt_jax_test_xla_cache_{os.getuid()}')}
+  env.pop('XLA_FLAGS', None)
+
+  def start(extra_env=None):
+    return [subprocess.Popen(cmd, env={**env, **(extra_env or {})}, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for cmd in commands]
+
+  def finish(procs):
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+  procs = start()
+  metrics_1 = workdir / 'process_1' / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      metrics_1.exists() and len(metrics_1.read_text().splitlines()) >= 3):
+    assert all(p.poll() is None for p in procs), finish(procs)
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  codes, outs = finish(procs)
+  assert codes == [143, 143], outs
+
+  # One checkpoint, at the step both processes stopped at.
+  stops = [int(out.split('stopped by a preemption notice at step ')[1]
+               .split(':')[0]) for out in outs]
+  stop = stops[0]
+  assert stops == [stop, stop] and 3 <= stop < long_steps, outs
+  assert os.listdir(workdir / 'checkpoints') == [str(stop)]
+  loss_0 = losses(workdir / 'metrics.jsonl')
+  assert len(loss_0) == stop
+  assert losses(metrics_1) == loss_0
+
+  # Resumed by both processes for two more steps.
+  codes, outs = finish(start({'ZTT_TEST_STOP_AT': str(stop + 2)}))
+  assert codes == [0, 0], outs
+  assert f'(step {stop})' in outs[0], outs[0]
+  resumed = losses(workdir / 'metrics.jsonl')
+  assert len(resumed) == stop + 2 and resumed[:stop] == loss_0
+
+  config = tiny.get_config('ztt')
+  for dotted, value in config_settings.items():
+    section, name = dotted.split('.')
+    config[section][name] = value
+  np.testing.assert_allclose(
+      resumed, single_process_losses(config, tmp_path, stop + 2), rtol=1e-4)
+
+
+# Each process: for each mesh, the rows it reads of a batch of 8 (from the
+# batch sharding), whether every one of its devices holds exactly the rows
+# of the one-process batch that its shard covers, and whether the gathered
+# global batch is the one-process batch; written to OUT/process_I.json.
+_ROWS_DRIVER = r'''
+import json, os, sys
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+from ztt_jax import configlib, data, sharding
+from ztt_jax.errors import ConfigError
+
+flags = dict(a[2:].split('=', 1) for a in sys.argv[1:])
+sharding.maybe_initialize_distributed(flags['coordinator_address'],
+                                      int(flags['num_processes']),
+                                      int(flags['process_id']))
+tokens_N = np.arange(5000, dtype=np.uint16)
+B, T, SEED = 8, 16, 3
+rules = sharding.rules(configlib.base_config())
+one_process = data.make_train_dataset(tokens_N, T, B, SEED)
+report = {}
+for name, mesh in json.loads(os.environ['ZTT_TEST_MESHES']).items():
+  config = ml_collections.ConfigDict(
+      {'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, **mesh})
+  try:
+    mesh = sharding.make_mesh(config)
+  except ConfigError as e:
+    report[name] = {'error': str(e)}
+    continue
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  rows_R = sharding.process_rows(batch_sharding, (B, T))
+  dataset = data.make_train_dataset(tokens_N, T, B, SEED, rows_R)
+  shards_ok = global_ok = True
+  for step in (0, 7):
+    batch = data.to_global_batch(dataset[step], batch_sharding, B)
+    want = one_process[step]
+    for key, array in batch.items():
+      for shard in array.addressable_shards:
+        shards_ok &= np.array_equal(np.asarray(shard.data),
+                                    want[key][shard.index])
+      gathered = multihost_utils.process_allgather(array, tiled=True)
+      global_ok &= np.array_equal(np.asarray(gathered), want[key])
+  report[name] = {'mesh': dict(mesh.shape), 'rows': rows_R.tolist(),
+                  'shards_ok': bool(shards_ok), 'global_ok': bool(global_ok)}
+with open(os.path.join(os.environ['ZTT_TEST_OUT'],
+                       f'process_{jax.process_index()}.json'), 'w') as f:
+  json.dump(report, f)
+'''
+
+
+def run_rows_driver(tmp_path, num_processes, devices_per_process, meshes):
+  driver = tmp_path / 'rows_driver.py'
+  driver.write_text(_ROWS_DRIVER, encoding='utf-8')
+  commands = process_commands(
+      [f'--num_processes={num_processes}',
+       f'--program={sys.executable} {driver}'], devices_per_process)
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'ZTT_TEST_OUT': str(tmp_path),
+         'ZTT_TEST_MESHES': json.dumps(meshes)}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for cmd in commands]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0] * num_processes, outs
+  reports = [json.loads((tmp_path / f'process_{i}.json').read_text())
+             for i in range(num_processes)]
+  return {name: [r[name] for r in reports] for name in meshes}
+
+
+def test_rows_follow_the_batch_sharding_across_processes(tmp_path):
+  """Four processes of one CPU device each. Where the tensor axis spans
+  processes, the processes holding one data shard read the same rows;
+  every device holds exactly its rows of the one-process batch."""
+  got = run_rows_driver(tmp_path, 4, 1, {
+      # data shard 0 on processes 0 and 1, shard 1 on 2 and 3.
+      'tensor_across': {'data': 2, 'tensor': 2},
+      # One data shard, replicated on every process.
+      'tensor_only': {'data': 1, 'tensor': 4},
+      'data_only': {'data': -1},
+      # Processes are the granules on CPU: one per data row block.
+      'dcn': {'data': 1, 'dcn_data': 4},
+      'dcn_mismatch': {'data': -1, 'dcn_data': 2},
+  })
+  for name in ('tensor_across', 'tensor_only', 'data_only', 'dcn'):
+    for report in got[name]:
+      assert report['shards_ok'] and report['global_ok'], (name, report)
+  assert [r['rows'] for r in got['tensor_across']] == [
+      [0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+  assert [r['rows'] for r in got['tensor_only']] == [list(range(8))] * 4
+  assert [r['rows'] for r in got['data_only']] == [
+      [0, 1], [2, 3], [4, 5], [6, 7]]
+  assert got['dcn'][0]['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  assert [r['rows'] for r in got['dcn']] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  for report in got['dcn_mismatch']:
+    assert report['error'].startswith(
+        'mesh.dcn_data=2 but the 4 devices are in 4 processes; set '
+        'mesh.dcn_data=4'), report
+
+
+def test_dcn_across_two_processes_with_two_devices_each(tmp_path):
+  """mesh.dcn_data=2 over two processes of two CPU devices: each process is
+  one granule, laid out (data=1, fsdp=1, tensor=2) inside, and the two are
+  stacked along data."""
+  got = run_rows_driver(tmp_path, 2, 2, {
+      'dcn': {'data': 1, 'tensor': 2, 'dcn_data': 2},
+      'tensor_across': {'data': 1, 'tensor': 4},
+  })
+  for name in got:
+    for report in got[name]:
+      assert report['shards_ok'] and report['global_ok'], (name, report)
+  assert got['dcn'][0]['mesh'] == {'data': 2, 'fsdp': 1, 'tensor': 2}
+  assert [r['rows'] for r in got['dcn']] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert [r['rows'] for r in got['tensor_across']] == [list(range(8))] * 2

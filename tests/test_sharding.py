@@ -214,3 +214,70 @@ def test_cluster_without_coordinator_is_a_one_line_error(monkeypatch):
                      ) as e:
     sharding.maybe_initialize_distributed()
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('mesh, n_devices, ici, dcn', [
+    ({'data': -1, 'fsdp': 1, 'tensor': 1}, 8, (8, 1, 1), (1, 1, 1)),
+    ({'data': -1, 'fsdp': 2, 'tensor': 2, 'dcn_data': 2}, 16, (2, 2, 2),
+     (2, 1, 1)),
+    ({'data': 1, 'fsdp': -1, 'tensor': 4, 'dcn_data': 4}, 64, (1, 4, 4),
+     (4, 1, 1)),
+])
+def test_dcn_data_repeats_the_slice_layout_along_data(mesh, n_devices, ici,
+                                                      dcn):
+  assert sharding.mesh_shapes(mesh, n_devices) == (ici, dcn)
+  assert sharding.mesh_shape(mesh, n_devices) == (
+      ici[0] * dcn[0], ici[1], ici[2])
+
+
+@pytest.mark.parametrize('mesh, message', [
+    ({'dcn_data': 0}, 'mesh.dcn_data=0 must be a positive integer'),
+    ({'dcn_data': 3}, 'mesh.dcn_data=3 does not divide the 16 devices'),
+    ({'data': 4, 'dcn_data': 2},
+     'needs 4 devices per slice (mesh.dcn_data=2) but 8 are present'),
+])
+def test_bad_dcn_mesh_is_one_line(mesh, message):
+  mesh = {'data': -1, 'fsdp': 1, 'tensor': 1, **mesh}
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(
+      ')', r'\)')) as e:
+    sharding.mesh_shapes(mesh, 16)
+  assert '\n' not in str(e.value)
+
+
+class _FakeDevice:
+  """A CPU-platform device that says which slice or process it is in."""
+  platform = device_kind = 'cpu'
+
+  def __init__(self, id_, **granule):
+    self.id = id_
+    self.__dict__.update(granule)
+
+  def __repr__(self):
+    return f'D{self.id}'
+
+
+@pytest.mark.parametrize('granule', ['slice_index', 'process_index'])
+def test_hybrid_mesh_stacks_slices_along_data(granule):
+  # Two slices (or processes, where every device says slice 0) of four
+  # devices, listed interleaved: the grouping is by granule, not by order.
+  devices = [_FakeDevice(i, **{'slice_index': 0, 'process_index': 0,
+                               granule: i % 2}) for i in range(8)]
+  ici, dcn = sharding.mesh_shapes(
+      {'data': 1, 'fsdp': 2, 'tensor': 2, 'dcn_data': 2}, 8)
+  array = sharding.hybrid_device_array(ici, dcn, devices)
+  assert array.shape == (2, 2, 2)
+  for data_index in range(2):
+    assert {getattr(d, granule) for d in array[data_index].flat} == {
+        data_index}
+  with pytest.raises(ConfigError, match='mesh.dcn_data=4 but the 8 devices '
+                     'are in 2 (slices|processes); set mesh.dcn_data=2'):
+    sharding.hybrid_device_array((2, 1, 1), (4, 1, 1), devices)
+
+
+def test_dcn_data_on_one_process_is_refused_in_one_line():
+  config = configlib.base_config()
+  config.mesh.update(data=-1, dcn_data=2)
+  with pytest.raises(ConfigError, match='in 1 process;') as e:
+    sharding.make_mesh(config.mesh, [_FakeDevice(i, process_index=0)
+                                     for i in range(2)])
+  assert '\n' not in str(e.value)

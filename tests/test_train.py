@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -123,6 +124,7 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, corpus):
     ('valid', {'model.n_heads': 5}, 'model.n_heads'),
     ('valid', {'train.grad_accum_steps': 3}, 'grad_accum_steps'),
     ('valid', {'mesh.data': 3}, 'config.mesh'),
+    ('valid', {'mesh.dcn_data': 2}, 'mesh.dcn_data=2'),
     ('valid', {'data.tokenizer': 'words'}, 'tokenizer'),
     ('binary', {'data.tokenizer': 'char'}, 'UTF-8'),
     ('valid', {'data.seq_len': 100_000}, 'seq_len'),
@@ -178,3 +180,31 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
   assert len(errors) == 1 and 'data.path' in errors[0], result.stderr
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_one_process_stops_on_its_own_signal(sig):
+  before = signal.getsignal(sig)
+  with train._StopSignals(multi_process=False) as signals:  # pylint: disable=protected-access
+    assert signals.check(1) is None
+    os.kill(os.getpid(), sig)
+    assert signals.check(2) == sig.name
+  assert signal.getsignal(sig) is before
+  assert train.EXIT_CODES[sig.name] == 128 + sig
+
+
+def test_several_processes_leave_sigterm_to_jax_and_forward_sigint():
+  """With several processes SIGTERM belongs to JAX's preemption notifier
+  (not replaced here), and SIGINT is sent on to it as SIGTERM."""
+  got = []
+  outer = signal.signal(signal.SIGTERM, lambda signum, _: got.append(signum))
+  try:
+    jax_notifier = signal.getsignal(signal.SIGTERM)
+    with train._StopSignals(multi_process=True) as signals:  # pylint: disable=protected-access
+      assert signal.getsignal(signal.SIGTERM) is jax_notifier
+      os.kill(os.getpid(), signal.SIGINT)
+      assert got == [signal.SIGTERM]
+      # One process, no coordination service: no sync point is reached.
+      assert signals.check(1) is None
+  finally:
+    signal.signal(signal.SIGTERM, outer)

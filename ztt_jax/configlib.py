@@ -96,8 +96,12 @@ def base_config(variant: str = 'ztt') -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # Newest checkpoints kept.
   c.checkpoint.async_save = True  # Write in the background while training.
 
-  # Device mesh; -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Device mesh; -1 takes the remaining devices. data, fsdp and tensor lay
+  # out one slice; dcn_data > 1 (multislice) repeats that across dcn_data
+  # slices along the data axis (processes where devices have no slice), so
+  # the data axis is dcn_data * data.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          dcn_data=1))
   # Logical axis -> mesh axes. The only place mesh axes are named.
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = (
@@ -284,6 +288,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(t.nan_policy in NAN_POLICIES,
         f'train.nan_policy={t.nan_policy!r} is not one of {NAN_POLICIES}')
   validate_data(config.data)
+  _positive_int('mesh.dcn_data', config.mesh.get('dcn_data', 1))
   for name in ('every_steps', 'keep'):
     _positive_int(f'checkpoint.{name}', config.checkpoint[name])
   # The model config, with a placeholder vocabulary until the tokenizer runs.

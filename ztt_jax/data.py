@@ -5,9 +5,9 @@ contiguously into train (head) and validation (tail), builds or reloads the
 workdir's tokenizer and tokenizes both splits into a content-addressed cache
 (`cache_dir/<key>/{train,val}.bin` + `meta.json`), returning read-only memmaps.
 
-`make_train_dataset` turns the train tokens into an infinite, seeded, sharded
-grain `MapDataset` of `{'inputs', 'targets'}` batches whose element `s` is the
-batch for step `s`; `eval_batches` gives a fixed set of evaluation batches.
+`make_train_dataset` turns the train tokens into an infinite, seeded grain
+`MapDataset` of `{'inputs', 'targets'}` batches whose element `s` is this
+process's rows of the batch for step `s`; `eval_batches` gives a fixed set of evaluation batches.
 """
 
 from __future__ import annotations
@@ -389,16 +389,21 @@ def prepare(data_config: ml_collections.ConfigDict,
 # ------------------------------------------------------------------- input --
 
 
-class _ReadWindows:
-  """Maps a window start position to seq_len + 1 int32 tokens."""
+class _ReadRows:
+  """Maps a step's [B] window starts to this process's rows, as inputs and
+  targets [R, seq_len]: only those R windows are read."""
 
-  def __init__(self, tokens_N: np.ndarray, seq_len: int):
+  def __init__(self, tokens_N: np.ndarray, seq_len: int, rows_R: np.ndarray):
     self.tokens_N = tokens_N
-    self.seq_len = seq_len
+    self.offsets_W = np.arange(seq_len + 1, dtype=np.int64)
+    self.rows_R = rows_R
 
-  def __call__(self, start: int) -> np.ndarray:
-    window_W = self.tokens_N[start:start + self.seq_len + 1]
-    return np.asarray(window_W, dtype=np.int32)
+  def __call__(self, starts_B: np.ndarray) -> dict[str, np.ndarray]:
+    starts_R = np.asarray(starts_B, dtype=np.int64)[self.rows_R]
+    windows_RxW = np.asarray(
+        self.tokens_N[starts_R[:, None] + self.offsets_W[None, :]],
+        dtype=np.int32)
+    return _inputs_targets(windows_RxW)
 
 
 def _inputs_targets(windows_BxW: np.ndarray) -> dict[str, np.ndarray]:
@@ -420,41 +425,44 @@ def _check_split(tokens_N: np.ndarray, seq_len: int, what: str) -> None:
 
 def make_train_dataset(tokens_N: np.ndarray, seq_len: int,
                        global_batch_size: int, seed: int,
-                       process_index: int = 0,
-                       process_count: int = 1) -> grain.MapDataset:
-  """An infinite dataset whose element `s` is this process's step-`s` batch.
+                       rows_R: Sequence[int] | None = None
+                       ) -> grain.MapDataset:
+  """An infinite dataset whose element `s` is this process's rows of the
+  step-`s` batch.
 
   Every window start position of `tokens_N` is shuffled with `seed` (a new
-  permutation every epoch), repeated forever, and sharded across processes
-  round-robin, so processes never share a window within an epoch.
+  permutation every epoch) and repeated forever; the global batch for step
+  s is the s-th run of `global_batch_size` of them, a function of (seed, s)
+  only, whatever the number of processes. Each process reads only the rows
+  `rows_R` of it that its devices hold (`sharding.process_rows`), so
+  processes holding replicas of one data shard (a tensor axis across
+  processes) read the same rows.
 
   Args:
     tokens_N: the training tokens.
     seq_len: tokens per example.
     global_batch_size: examples per step over all processes.
     seed: the shuffle seed.
-    process_index: this process (jax.process_index()).
-    process_count: number of processes (jax.process_count()).
+    rows_R: this process's rows of each global batch, ascending (default:
+      all of them).
 
   Returns:
-    A MapDataset of {'inputs', 'targets'}: int32 [global_batch_size //
-    process_count, seq_len] each, targets being inputs shifted by one.
+    A MapDataset of {'inputs', 'targets'}: int32 [R, seq_len] each, targets
+    being inputs shifted by one.
   """
   _check_split(tokens_N, seq_len, 'training')
-  check(process_count >= 1 and 0 <= process_index < process_count,
-        f'process_index={process_index} is invalid for process_count='
-        f'{process_count}')
-  check(global_batch_size > 0 and global_batch_size % process_count == 0,
-        f'batch size {global_batch_size} is not a positive multiple of the '
-        f'{process_count} processes; pick a batch size divisible by '
-        f'{process_count}')
-  local_batch_size = global_batch_size // process_count
+  check(global_batch_size > 0,
+        f'batch size {global_batch_size} must be positive')
+  rows_R = (np.arange(global_batch_size) if rows_R is None
+            else np.asarray(rows_R, dtype=np.int64))
+  check(len(rows_R) > 0 and (np.diff(rows_R) > 0).all()
+        and 0 <= rows_R[0] and rows_R[-1] < global_batch_size,
+        f'rows {rows_R.tolist()} are not ascending rows of a batch of '
+        f'{global_batch_size}')
   n_windows = len(tokens_N) - seq_len
   ds = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count]
-  ds = ds.map(_ReadWindows(tokens_N, seq_len))
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.map(_inputs_targets)
+  ds = ds.batch(global_batch_size, drop_remainder=True)  # Starts [B].
+  return ds.map(_ReadRows(tokens_N, seq_len, rows_R))
 
 
 def make_train_iterator(
@@ -510,9 +518,21 @@ def eval_batches(tokens_N: np.ndarray, seq_len: int, batch_size: int,
 
 
 def to_global_batch(local_batch: Mapping[str, np.ndarray],
-                    sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Assembles each process's local batch rows into global jax.Arrays."""
+                    sharding: jax.sharding.Sharding,
+                    global_batch_size: int | None = None
+                    ) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global [B, T] jax.Arrays.
+
+  Args:
+    local_batch: {name: [R, T]}, the rows `sharding.process_rows` names, in
+      its order.
+    sharding: the batch sharding.
+    global_batch_size: B (default: inferred by JAX, which assumes that no
+      two processes hold the same rows).
+  """
   return {
-      name: jax.make_array_from_process_local_data(sharding, local_BxT)
-      for name, local_BxT in local_batch.items()
+      name: jax.make_array_from_process_local_data(
+          sharding, local_RxT, None if global_batch_size is None
+          else (global_batch_size, *local_RxT.shape[1:]))
+      for name, local_RxT in local_batch.items()
   }

@@ -4,6 +4,10 @@ Parameters carry logical axis names (`nn.with_logical_partitioning` in
 model.py); `config.sharding.rules` maps them to the mesh axes
 `('data', 'fsdp', 'tensor')`. Nothing else in the code names a mesh axis.
 
+With `mesh.dcn_data > 1` (multislice) the data axis spans slices as well:
+data, fsdp and tensor lay out each slice, and the slices are stacked along
+data (`mesh_shapes`, `hybrid_device_array`).
+
 The default rules (configlib.py) are FSDP + tensor parallelism:
 
   batch rows      -> ('data', 'fsdp')   every device sees its own rows
@@ -27,6 +31,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -35,8 +40,29 @@ from ztt_jax.errors import ConfigError, check
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
-  """Resolves -1 in `config.mesh` to the remaining devices."""
+def mesh_shapes(mesh_config, n_devices: int
+                ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+  """The mesh's shape within a granule (ICI) and across granules (DCN).
+
+  A granule is a TPU slice (devices carry `slice_index`), elsewhere a
+  process. `mesh.data`, `mesh.fsdp` and `mesh.tensor` lay out one
+  granule's `n_devices / mesh.dcn_data` devices (-1 takes the remaining
+  ones); `mesh.dcn_data` repeats that layout across granules along the data
+  axis, so only data-parallel gradient reductions cross the slow network.
+  The mesh is `(dcn_data * data, fsdp, tensor)`.
+
+  Returns:
+    (ici_shape, dcn_shape), both in MESH_AXES order.
+  """
+  dcn = mesh_config.get('dcn_data', 1)
+  check(isinstance(dcn, int) and not isinstance(dcn, bool) and dcn > 0,
+        f'mesh.dcn_data={dcn!r} must be a positive integer (the number of '
+        'slices; 1: no multislice axis)')
+  check(n_devices % dcn == 0,
+        f'mesh.dcn_data={dcn} does not divide the {n_devices} devices; set '
+        'it to the number of slices (processes where devices have no slice)')
+  per = f' per slice (mesh.dcn_data={dcn})' if dcn > 1 else ''
+  n_devices //= dcn
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
   check(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
         f'config.mesh={dict(zip(MESH_AXES, sizes))}: sizes must be positive, '
@@ -45,24 +71,65 @@ def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
   if -1 in sizes:
     check(n_devices % known == 0,
           f'config.mesh={dict(zip(MESH_AXES, sizes))} does not divide the '
-          f'{n_devices} devices; pick sizes whose product divides it')
+          f'{n_devices} devices{per}; pick sizes whose product divides it')
     sizes[sizes.index(-1)] = n_devices // known
   check(int(np.prod(sizes)) == n_devices,
         f'config.mesh={dict(zip(MESH_AXES, sizes))} needs {np.prod(sizes)} '
-        f'devices but {n_devices} are present; set config.mesh.data=-1')
-  return tuple(sizes)
+        f'devices{per} but {n_devices} are present; set config.mesh.data=-1')
+  return tuple(sizes), (dcn, 1, 1)
+
+
+def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
+  """The whole mesh's shape: `mesh_shapes`, multiplied."""
+  ici, dcn = mesh_shapes(mesh_config, n_devices)
+  return tuple(i * d for i, d in zip(ici, dcn))
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all).
 
   `devices` may be another platform's, e.g. a TPU topology's for
-  ahead-of-time compilation (compile.py).
+  ahead-of-time compilation (compile.py). With `mesh.dcn_data > 1` they are
+  laid out by `hybrid_device_array`.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  ici, dcn = mesh_shapes(mesh_config, len(devices))
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if dcn == (1, 1, 1):
+    return jax.make_mesh(ici, MESH_AXES, axis_types=axis_types,
+                         devices=devices)
+  return jax.sharding.Mesh(hybrid_device_array(ici, dcn, devices), MESH_AXES,
+                           axis_types=axis_types)
+
+
+def hybrid_device_array(ici: tuple[int, ...], dcn: tuple[int, ...],
+                        devices) -> np.ndarray:
+  """`devices` as an array of shape `ici * dcn`: grouped into granules,
+  each granule laid out as `ici`, the granules stacked along the data axis
+  (`mesh_utils.create_hybrid_device_mesh`).
+
+  The granules are TPU slices where the devices name more than one
+  `slice_index`, otherwise processes (GPU and CPU devices have no slice, or
+  all say slice 0).
+  """
+  slices = {getattr(d, 'slice_index', 0) for d in devices}
+  by_slice = len(slices) > 1
+  n_granules = len(slices) if by_slice else len(
+      {d.process_index for d in devices})
+  what = ('slice' if by_slice else 'process') if n_granules == 1 else (
+      'slices' if by_slice else 'processes')
+  check(n_granules == dcn[0],
+        f'mesh.dcn_data={dcn[0]} but the {len(devices)} devices are in '
+        f'{n_granules} {what}; set mesh.dcn_data={n_granules} (1: no '
+        'multislice axis)')
+  try:
+    return mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=not by_slice)
+  except ValueError as e:
+    raise ConfigError(
+        f'config.mesh with mesh.dcn_data={dcn[0]}: '
+        f'{str(e).strip().splitlines()[0]}; give every slice the same '
+        'number of devices') from None
 
 
 def rules(config) -> tuple[tuple[str, Any], ...]:
@@ -129,6 +196,22 @@ def batch_shards(mesh, axis_rules) -> int:
   axes = batch_sharding(mesh, axis_rules).spec[0]
   axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
   return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def process_rows(sharding: jax.sharding.Sharding,
+                 global_shape: tuple[int, ...]) -> np.ndarray:
+  """The rows of a `global_shape` batch that this process's devices hold,
+  ascending: what it reads (data.make_train_dataset).
+
+  Derived from the sharding, not the process index: processes whose
+  devices hold replicas of the same rows (a tensor axis across processes)
+  get the same rows, and the global batch stays one array whatever the
+  process layout.
+  """
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(global_shape).values():
+    rows.update(range(global_shape[0])[index[0]])
+  return np.asarray(sorted(rows), dtype=np.int64)
 
 
 def check_batch(batch_size: int, grad_accum_steps: int, mesh,

@@ -27,6 +27,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -200,12 +201,6 @@ class Setup:
       yield
 
 
-def _local_rows(batch: dict, process_index: int, process_count: int) -> dict:
-  n = batch['inputs'].shape[0] // process_count
-  return {k: v[process_index * n:(process_index + 1) * n]
-          for k, v in batch.items()}
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
           stop_at: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the final summary.
@@ -235,9 +230,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
                     in_shardings=(shardings.params, batch_sharding),
                     out_shardings=sharding.replicated(setup.mesh))
 
+  # This process's rows of every batch: those its devices hold.
+  rows_R = sharding.process_rows(batch_sharding,
+                                 (t.batch_size, config.data.seq_len))
   dataset = data.make_train_dataset(
       setup.corpus.train_N, config.data.seq_len, t.batch_size, config.seed,
-      jax.process_index(), jax.process_count())
+      rows_R)
   data_iter = data.make_train_iterator(dataset)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  config.checkpoint.every_steps,
@@ -273,9 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
           jax.random.key(config.seed))
 
     eval_set = [
-        data.to_global_batch(
-            _local_rows(b, jax.process_index(), jax.process_count()),
-            batch_sharding)
+        data.to_global_batch({k: v[rows_R] for k, v in b.items()},
+                             batch_sharding, t.batch_size)
         for b in data.eval_batches(setup.corpus.val_N, config.data.seq_len,
                                    t.batch_size, t.eval_batches)
     ] if len(setup.corpus.val_N) > config.data.seq_len else []
@@ -297,10 +294,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
     last_eval = {}
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     preempted = None
-    with _PreemptionSignals() as signals:
+    with _StopSignals(jax.process_count() > 1, step) as signals:
       while step < end:
         local_batch = next(data_iter)
-        batch = data.to_global_batch(local_batch, batch_sharding)
+        batch = data.to_global_batch(local_batch, batch_sharding,
+                                     t.batch_size)
         state, step_metrics = step_fn(state, batch)
         step += 1
         if not bool(jax.device_get(step_metrics['finite'])):
@@ -327,8 +325,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
             row.update(last_eval)
           writer.console(step, writer.write(step, row))
           t_last, last_log = time.perf_counter(), step
-        if signals.received or ckpt.manager.reached_preemption(step):
-          preempted = signals.received or 'a preemption notice'
+        preempted = signals.check(step)
+        if preempted:
           break
     if preempted:
       if ckpt.latest_step() != step:
@@ -360,20 +358,63 @@ class TrainingDiverged(RuntimeError):
   """A non-finite loss or gradient with `train.nan_policy='stop'`."""
 
 
-class _PreemptionSignals:
-  """Turns SIGTERM / SIGINT into a flag the loop checks after every step,
-  so it can save a checkpoint and exit cleanly (see `EXIT_CODES`)."""
+class _StopSignals:
+  """When the loop stops early for a signal: `check(step)` after every step
+  returns what stopped it (a key of `EXIT_CODES`) or None.
+
+  One process: our own SIGTERM and SIGINT handlers set a flag; the loop
+  stops after the step in flight, saves it and exits 143 or 130.
+
+  Several processes: a signal may reach one host only, or each host at a
+  different step, yet all of them must save the same step together (the
+  save is a collective). `jax.distributed.initialize()` starts JAX's
+  preemption sync manager, whose notifier owns SIGTERM: a SIGTERM on any
+  process is passed to all of them through the coordination service, they
+  agree on the step after the furthest one, and
+  `reached_preemption_sync_point(step)` is True at that step on every
+  process, those that got no signal included. So no handler of ours is
+  installed for SIGTERM (it would replace JAX's notifier), and SIGINT,
+  which JAX does not watch, is sent on to this process as SIGTERM. Every
+  process then stops with 'a preemption notice' (exit 143).
+
+  JAX stops at the step after the furthest one it has been told of, so it
+  is told the start step on entry: a notice during the first (compiling)
+  step of a resumed run still stops it. One before that, while a resumed
+  run prepares the corpus or restores, is not acted on (JAX then picks step
+  1, already past): the run goes on until the platform kills it.
+  """
+
+  def __init__(self, multi_process: bool, start_step: int = 0):
+    self.multi_process = multi_process
+    self.start_step = start_step
 
   def __enter__(self):
     self.received, self._old = None, {}
+    if self.multi_process:
+      multihost_utils.reached_preemption_sync_point(self.start_step)
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
+      if self.multi_process:
+        self._old[signal.SIGINT] = signal.signal(signal.SIGINT,
+                                                 self._forward_as_sigterm)
+      else:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+          self._old[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
     self.received = signal.Signals(signum).name
+
+  def _forward_as_sigterm(self, signum, frame):
+    del signum, frame
+    os.kill(os.getpid(), signal.SIGTERM)  # To JAX's notifier.
+
+  def check(self, step: int) -> str | None:
+    if self.multi_process:
+      if multihost_utils.reached_preemption_sync_point(step):
+        return 'a preemption notice'
+      return None
+    return self.received
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():

@@ -6,7 +6,9 @@
 
 Runs `train.train(config, workdir)`. A workdir that holds a checkpoint is
 resumed; SIGTERM/SIGINT save a checkpoint and exit 143/130 (run the same
-command to continue); a non-finite loss with train.nan_policy=stop exits 1.
+command to continue; with several processes, a SIGTERM or SIGINT to any one
+stops all of them at the same step, and each exits 143); a non-finite loss
+with train.nan_policy=stop exits 1.
 Multi-process runs are set up automatically on Cloud TPU, SLURM (srun) and
 Open MPI; elsewhere pass all three of --coordinator_address, --num_processes
 and --process_id.
