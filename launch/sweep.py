@@ -190,6 +190,16 @@ def main(argv: list[str]) -> int:
           print(f'sweep.py: error: run {run_dir} failed; stopping (pass '
                 '--keep_going to go on)', file=sys.stderr)
           break
+  missing = [run_name(o) for o in runs if not os.path.exists(os.path.join(
+      args.workdir, run_name(o), 'metrics.jsonl'))]
+  if missing and len(missing) == len(runs):
+    # A remote launcher (a pod, a cluster): its runs wrote WORKDIR there.
+    print(f'sweep.py: no run has metrics under {args.workdir} on this '
+          'machine: runs started through --launcher write WORKDIR on its '
+          'machines; gather the table there with the same flags plus '
+          '--summarize (e.g. on worker 0 of a pod), or pass a --workdir '
+          'that both machines mount', file=sys.stderr)
+    return 1 if failed else 0
   print(summarize(args.workdir, runs))
   return 1 if failed else 0
 

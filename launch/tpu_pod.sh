@@ -186,7 +186,7 @@ if ((install)); then
   on_all_workers 'set -e; mkdir -p ~/ztt_jax && tar -xzf ~/ztt_jax_src.tgz -C ~/ztt_jax && cd ~/ztt_jax && { command -v uv >/dev/null || [ -x ~/.local/bin/uv ] || python3 -m pip install -q --user uv || curl -LsSf https://astral.sh/uv/install.sh | sh; } && uv=$(command -v uv || echo ~/.local/bin/uv) && { .venv/bin/python -c "import sys; sys.exit(sys.version_info < (3, 11))" 2>/dev/null || { rm -rf .venv && "$uv" venv -q --python 3.11 .venv; }; } && "$uv" pip install -q --python .venv/bin/python -e ".[tpu]"'
 fi
 if [[ -n "$bucket" ]]; then
-  on_all_workers "set -e; command -v gcsfuse >/dev/null || { echo 'deb https://packages.cloud.google.com/apt gcsfuse-jammy main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; sudo mkdir -p /mnt && sudo chown \"\$USER\" /mnt; mountpoint -q /mnt || gcsfuse --implicit-dirs $(printf '%q' "$bucket") /mnt"
+  on_all_workers "set -e; command -v gcsfuse >/dev/null || { echo 'deb https://packages.cloud.google.com/apt gcsfuse-jammy main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; sudo mkdir -p /mnt && sudo chown \"\$USER\" /mnt; mountpoint -q /mnt || gcsfuse --implicit-dirs --rename-dir-limit=200000 $(printf '%q' "$bucket") /mnt"
 fi
 
 # 3. Train: one process per worker, all at once. ztt-train runs in its own

@@ -101,6 +101,15 @@ def test_tpu_pod_dry_run():
                                *TRAIN_ARGS).stdout)
   remote = shlex.split(background[-1][-1][len('--command='):])
   assert remote[-1] == '&' and 'tail' not in remote and 'setsid' in remote
+  # gcsfuse lets Orbax finalize checkpoints by renaming their directories.
+  mounted = commands(launch('tpu_pod.sh', '--dry_run', '--tpu=q', '--zone=z',
+                            '--skip_install', '--mount_bucket=b',
+                            *TRAIN_ARGS).stdout)
+  [mount] = [c for c in mounted if 'gcsfuse' in c[-1]]
+  remote = shlex.split(mount[-1][len('--command='):])
+  gcsfuse = remote[remote.index('gcsfuse', remote.index('||') + 1):]
+  assert '--rename-dir-limit=200000' in gcsfuse and gcsfuse[-2:] == ['b',
+                                                                    '/mnt']
 
 
 _FAKE_GCLOUD = r'''#!/usr/bin/env bash
@@ -253,6 +262,17 @@ def test_sweep_summarizes_final_val_loss(tmp_path):
   assert [r['val_loss'] for r in saved] == [1.75, None, None]
   assert (tmp_path / 'summary.md').read_text().startswith(
       '| model.n_cycles | step | val_loss |')
+
+
+def test_sweep_through_a_remote_launcher_says_where_to_summarize(tmp_path):
+  """Runs launched elsewhere (a pod) leave no local metrics: the sweep
+  says so instead of writing a table of dashes."""
+  result = sweep('--config=configs/tiny.py', f'--workdir={tmp_path / "w"}',
+                 '--sweep=model.n_cycles=2,4', '--launcher=true')
+  assert result.returncode == 0, result.stderr
+  assert '--summarize' in result.stderr and 'worker 0' in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / 'w' / 'summary.md').exists()
 
 
 _FAKE_TRAIN = r'''
