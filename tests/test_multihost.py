@@ -189,7 +189,9 @@ def single_process_losses(config, tmp_path, steps, state=None):
 def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
   """SIGTERM to process 1 only: JAX's preemption sync manager tells
   process 0 too, both save one checkpoint at the same step and exit 143,
-  and the resumed run continues with the losses of an uninterrupted one."""
+  and the resumed run continues with the losses of an uninterrupted one;
+  then, with its newest checkpoint damaged, it falls back to the one before
+  (moved aside by process 0 alone) with those losses again."""
   long_steps = 500  # Far more than run before the signal takes effect.
   workdir = tmp_path / 'run'
   driver = tmp_path / 'driver.py'
@@ -244,12 +246,33 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
   resumed = losses(workdir / 'metrics.jsonl')
   assert len(resumed) == stop + 2 and resumed[:stop] == loss_0
 
+  # The newest checkpoint damaged (a params file cut to a third): process 0
+  # alone moves it aside, both fall back to the one before and go on.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == sorted(
+      [str(stop), str(stop + 2)])
+  files = [p for p in (workdir / 'checkpoints' / str(stop + 2) /
+                       'params').rglob('*') if p.is_file()]
+  victim = max(files, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
+  codes, outs = finish(start({'ZTT_TEST_STOP_AT': str(stop + 3)}))
+  assert codes == [0, 0], outs
+  for out in outs:
+    assert f'checkpoint {stop + 2} is unreadable' in out, out
+    assert f'(step {stop})' in out, out
+  [kept] = os.listdir(workdir / 'checkpoints_corrupt')
+  assert kept.startswith(f'{stop + 2}-')
+  after = losses(workdir / 'metrics.jsonl')
+  # Steps stop+1 and stop+2 were logged twice: before and after the fall-back.
+  assert len(after) == stop + 5 and after[:stop + 2] == resumed
+  assert losses(workdir / 'process_1' / 'metrics.jsonl')[stop:] == after[stop:]
+
   config = tiny.get_config('ztt')
   for dotted, value in config_settings.items():
     section, name = dotted.split('.')
     config[section][name] = value
-  np.testing.assert_allclose(
-      resumed, single_process_losses(config, tmp_path, stop + 2), rtol=1e-4)
+  straight = single_process_losses(config, tmp_path, stop + 3)
+  np.testing.assert_allclose(resumed, straight[:stop + 2], rtol=1e-4)
+  np.testing.assert_allclose(after[stop + 2:], straight[stop:], rtol=1e-4)
 
 
 # Each process: for each mesh, the rows it reads of a batch of 8 (from the
