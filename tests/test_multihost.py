@@ -76,16 +76,17 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
          'JAX_COMPILATION_CACHE_DIR': os.path.join(
              tempfile.gettempdir(), f'ztt_jax_test_xla_cache_{os.getuid()}')}
   env.pop('XLA_FLAGS', None)
-  # mesh data=2 x fsdp=2 over the 4 devices of both processes: every
-  # parameter is split across the two processes.
+  # mesh fsdp=4 over the 4 devices of both processes: every parameter is
+  # split across the two processes (devices are laid out in process order,
+  # so with data=2 x fsdp=2 the fsdp halves would stay inside a process).
   result = subprocess.run(
       ['bash', str(REPO / 'launch' / 'multiprocess_cpu.sh'),
        f'--program={sys.executable} {driver}',
        f'--config={REPO}/configs/tiny.py', f'--workdir={workdir}',
-       '--config.mesh.data=2', '--config.mesh.fsdp=2', *overrides],
+       '--config.mesh.data=1', '--config.mesh.fsdp=4', *overrides],
       capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}, 4 device(s)" in (
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}, 4 device(s)" in (
       result.stdout), result.stdout[-3000:]
   assert '[process 0] ' in result.stdout and '[process 1] ' in result.stdout
 
@@ -125,7 +126,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   # holds the parameters the single process reached.
   assert sorted(os.listdir(workdir / 'checkpoints')) == [str(STEPS)]
   module, params, saved = ztt_jax.load(workdir)
-  assert saved.train.steps == STEPS and saved.mesh.fsdp == 2
+  assert saved.train.steps == STEPS and saved.mesh.fsdp == 4
   assert jax.tree.leaves(params)[0].sharding.is_fully_addressable
   single_params = jax.device_get(state.params)
   assert model.count_params(params) == model.count_params(single_params)
