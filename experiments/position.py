@@ -3,9 +3,11 @@
     python experiments/position.py --workdir=runs/demo \
         --out=docs/results/position
 
-For each zero-token statistic (`zero_attention`, the softmax mass a0, and
-`zero_weight`, log((t+1) a0 / (1 - a0)), see attention.zero_log_weight) on
-the validation batches of a trained ZTT workdir:
+For each zero-token statistic (`zero_attention`, the softmax mass a0;
+`zero_weight`, log((t+1) a0 / (1 - a0)), see attention.zero_log_weight; and
+`zero_margin`, the zero logit minus the strongest key's, see
+attention.zero_token_attention) on the validation batches of a trained ZTT
+workdir:
 
 * how much of the statistic's per-token variance position explains (R^2 of
   the per-position means, after cycle 1, from one full pass);
@@ -31,7 +33,7 @@ import ztt_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ztt_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ztt_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-STATISTICS = ('zero_attention', 'zero_weight')
+STATISTICS = ('zero_attention', 'zero_weight', 'zero_margin')
 
 
 def position_r2(stat_NxT: np.ndarray) -> float:
