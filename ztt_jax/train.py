@@ -58,10 +58,24 @@ class TrainState:
 
 def loss_fn(module, model_cfg: model_lib.ModelConfig, params, batch, rng,
             deterministic: bool):
-  """Training loss (exit heads weighted per `model.exit_loss`) and metrics."""
+  """Training loss (exit heads weighted per `model.exit_loss`) and metrics.
+
+  With `model.exit_loss_fraction` < 1 or `model.ce_chunk_len` the model
+  stops before the LM head and `exits.feature_losses` runs it (on a subset
+  of positions for the early heads, in chunks), never holding the full
+  [C, B, T, V] logits.
+  """
+  from_features = model_cfg.loss_from_features
   out = module.apply({'params': params}, batch['inputs'],
-                     deterministic=deterministic, rngs={'dropout': rng})
-  ce_C = exits.head_losses(out, batch['targets']).mean((1, 2))
+                     deterministic=deterministic, rngs={'dropout': rng},
+                     logits=not from_features)
+  if from_features:
+    logits_fn = lambda h: module.apply({'params': params}, h,
+                                       method=model_lib.Transformer.lm_logits)
+    ce_C = exits.feature_losses(model_cfg, logits_fn, out.features,
+                                batch['targets'], jax.random.fold_in(rng, 1))
+  else:
+    ce_C = exits.head_losses(out, batch['targets']).mean((1, 2))
   loss = exits.training_loss(model_cfg, ce_C)
   aux = {'ce': ce_C[-1]}
   if model_cfg.exit_heads:
@@ -534,7 +548,7 @@ def _check_same_model(ckpt, step: int, config) -> None:
   differ = sorted(k for k in config.model.keys()
                   if saved_model.get(k) != config.model[k]
                   and k not in ('remat_policy', 'scan_layers', 'dropout',
-                                'dtype'))
+                                'dtype', 'ce_chunk_len'))
   changes = ', '.join(f'{k}: {saved_model.get(k)!r} -> {config.model[k]!r}'
                       for k in differ)
   check(not differ,
