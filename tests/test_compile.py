@@ -78,6 +78,30 @@ def test_libtpu_settings_do_not_leak(monkeypatch):
   assert os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] == 'mine'
 
 
+def test_roofline_by_hand():
+  v5p = compile_lib.PEAK_PER_CHIP['v5p']
+  assert (v5p.flops_per_s, v5p.hbm_bytes_per_s) == (459e12, 2765e9)
+  # 4.59e12 FLOPs take 10 ms at peak; 13.825 GB take 5 ms: compute-bound,
+  # and 3.672e12 model FLOPs (80% of those run) bound MFU at 80%.
+  est = compile_lib.roofline(4.59e12, 13.825e9, 3.672e12, v5p)
+  assert est['roofline_step_s'] == pytest.approx(0.010)
+  assert est['roofline_bound'] == 'compute'
+  assert est['mfu_upper_bound'] == pytest.approx(0.8)
+  # Twice the bytes and XLA's FLOPs undercounted (a scanned loop counted
+  # once): memory-bound at 10 ms, the model FLOPs' 8 ms bound MFU at 80%.
+  est = compile_lib.roofline(1e12, 27.65e9, 3.672e12, v5p)
+  assert est['roofline_step_s'] == pytest.approx(0.010)
+  assert est['roofline_bound'] == 'memory'
+  assert est['mfu_upper_bound'] == pytest.approx(0.8)
+  # XLA's FLOPs below the model's: the model's set the compute term.
+  est = compile_lib.roofline(1e12, 0.0, 4.59e12, v5p)
+  assert est['roofline_step_s'] == pytest.approx(0.010)
+  assert est['mfu_upper_bound'] == pytest.approx(1.0)
+  # v4 shows a chip's two TensorCores as two devices: half a chip each.
+  half = compile_lib.peak_per_device('v4', 4, 8)
+  assert (half.flops_per_s, half.hbm_bytes_per_s) == (137.5e12, 600e9)
+
+
 def test_out_of_hbm_message_is_parsed():
   message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory '
              'required for HLO temporaries (58.29G) exceeds available HBM '
@@ -93,7 +117,8 @@ def test_aot_compile_on_local_devices_reports_memory_and_flops():
   # Unrolled: XLA's cost analysis counts the body of a loop (a scan) once.
   config.model.update(vocab_size=96, scan_layers=False)
   report = compile_lib.aot_compile(config, jax.devices()[:1],
-                                   hbm_bytes=1 << 30)
+                                   hbm_bytes=1 << 30,
+                                   peak=compile_lib.PEAK_PER_CHIP['v5e'])
   # Params + Adam's two moments, float32, all on the one device.
   state_bytes = 3 * 4 * report['params']
   assert state_bytes <= report['argument_bytes'] < state_bytes + (1 << 20)
@@ -115,8 +140,20 @@ def test_aot_compile_on_local_devices_reports_memory_and_flops():
   ratio = report['compiled_flops_per_device'] / report[
       'model_flops_per_device']
   assert 1.0 < ratio < 1.25, report
+  # Roofline with v5e's peaks, by hand: this tiny step is memory-bound
+  # (every param and both Adam moments are read at least once).
+  assert report['flops'] == report['compiled_flops_per_device']
+  assert report['bytes_accessed'] >= report['argument_bytes']
+  compute_s = report['flops'] / 197e12
+  memory_s = report['bytes_accessed'] / 819e9
+  assert memory_s > compute_s
+  assert report['roofline_step_s'] == pytest.approx(memory_s, rel=1e-12)
+  assert report['roofline_bound'] == 'memory'
+  assert report['mfu_upper_bound'] == pytest.approx(
+      3 * forward * 8 * 32 / 197e12 / memory_s, rel=1e-12)
   lines = compile_lib.format_report(report).splitlines()
   assert json.loads(lines[-1]) == report
+  assert 'roofline per device' in lines[-2] and 'memory-bound' in lines[-2]
   with pytest.raises(ConfigError, match='model.vocab_size'):
     compile_lib.aot_compile(tiny.get_config('ztt'), jax.devices()[:1])
 
@@ -139,7 +176,7 @@ def test_budget_125m_compiles_for_v5e_2x2():
   assert not [l for l in result.stderr.splitlines() if 'rror' in l], (
       result.stderr[-3000:])
   lines = result.stdout.splitlines()
-  assert 'fits' in lines[-3] and 'GiB' in lines[-3], lines
+  assert 'fits' in lines[-4] and 'GiB' in lines[-4], lines
   report = json.loads(lines[-1])
   assert report['topology'] == 'v5e:2x2' and report['chips'] == 4
   assert report['devices'] == 4 and report['device_kind'] == 'TPU v5 lite'
@@ -165,3 +202,12 @@ def test_budget_125m_compiles_for_v5e_2x2():
   # softmax and AdamW.
   compiled = report['compiled_flops_per_device']
   assert 3 * lm_heads * 128 < compiled < 4 / 3 * 1.25 * 3 * forward * 128
+  # Roofline with v5e's peaks (197 TFLOP/s, 819 GB/s): XLA's FLOPs count
+  # the scanned layers once, so the model's FLOPs set the compute term.
+  assert report['flops'] == compiled
+  compute_s = 3 * forward * 128 / 197e12
+  memory_s = report['bytes_accessed'] / 819e9
+  assert report['roofline_step_s'] == pytest.approx(max(compute_s, memory_s))
+  assert report['mfu_upper_bound'] == pytest.approx(
+      compute_s / max(compute_s, memory_s))
+  assert 'roofline per device' in lines[-2]

@@ -24,7 +24,7 @@ def test_override_parses_text_as_the_field_type():
 
 @pytest.mark.parametrize('path, value, message', [
     ('train.stepz', '3', 'did you mean --config.train.steps'),
-    ('model.nope', '1', 'no such field; fields here: d_ff'),
+    ('model.nope', '1', 'no such field; fields here: ce_chunk_len, d_ff'),
     ('nope', '1', 'no such field'),
     ('train', '1', 'is a section'),
     ('train.steps.x', '1', 'train.steps is a value, not a section'),

@@ -308,6 +308,18 @@ def test_flops_per_token_counts_cycles():
       6 * n_matmul, rel=0.05)
 
 
+def test_flops_per_token_counts_the_early_heads_scored_positions():
+  # The LM heads before the last score a quarter of the positions in
+  # training: 2 of 3 heads' 2 * D * V per token shrink to a quarter.
+  full, quarter = (make_cfg('ztt', n_cycles=3, exit_loss_fraction=f)
+                   for f in (1.0, 0.25))
+  lm_head = 2 * full.d_model * full.vocab_size
+  assert model.flops_per_token(full, 64) - model.flops_per_token(
+      quarter, 64) == pytest.approx(3 * 2 * 0.75 * lm_head)
+  assert model.flops_per_token(full, 64, training=False) == (
+      model.flops_per_token(quarter, 64, training=False))
+
+
 @pytest.mark.parametrize('overrides, field', [
     (dict(variant='deep'), 'model.variant'),
     (dict(zero_pool='everywhere'), 'model.zero_pool'),

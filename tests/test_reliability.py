@@ -12,11 +12,14 @@ import time
 
 import chex
 import jax
+from jax._src import array as array_lib
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import ztt_jax
 from configs import tiny
+from ztt_jax import data
 from ztt_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,8 +38,8 @@ def config_for(corpus, **train_overrides):
   config.data.path = corpus
   config.sample.max_new_tokens = 0
   config.checkpoint.update(every_steps=3, async_save=False)
-  config.train.update(log_every_steps=1, eval_every_steps=0,
-                      **train_overrides)
+  config.train.update({'log_every_steps': 1, 'eval_every_steps': 0,
+                       **train_overrides})
   return config
 
 
@@ -185,6 +188,81 @@ def test_nan_skip_policy_drops_the_update_and_goes_on(tmp_path, corpus):
   assert not all(np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(params[7]), jax.tree.leaves(params[8])))
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params[8]))
+
+
+def count_device_reads(monkeypatch):
+  """Patches the train step and jax.Array's host read (every device_get,
+  bool(), float(), np.asarray goes through ArrayImpl._value); returns the
+  list of steps dispatched at each read."""
+  dispatched, reads = [0], []
+  real_jit = train.Setup.jit_train_step
+
+  def counting_jit(self, *args, **kwargs):
+    step_fn, *rest = real_jit(self, *args, **kwargs)
+
+    def counted(*step_args):
+      out = step_fn(*step_args)
+      dispatched[0] += 1
+      return out
+    return (counted, *rest)
+
+  real_value = array_lib.ArrayImpl._value
+
+  def value(self):
+    reads.append(dispatched[0])
+    return real_value.fget(self)
+
+  monkeypatch.setattr(train.Setup, 'jit_train_step', counting_jit)
+  monkeypatch.setattr(array_lib.ArrayImpl, '_value', property(value))
+  return reads
+
+
+@pytest.mark.parametrize('policy', ['stop', 'skip'])
+def test_nan_guard_reads_the_device_only_at_log_and_checkpoint_steps(
+    tmp_path, corpus, monkeypatch, policy):
+  config = config_for(corpus, steps=8, log_every_steps=4, nan_policy=policy)
+  config.checkpoint.every_steps = 6
+  reads = count_device_reads(monkeypatch)
+  train.train(config, str(tmp_path / 'run'))
+  # Steps 1-3, 5 and 7 are dispatched without waiting on the device; 4
+  # (log), 6 (checkpoint) and 8 (end) read the flags and metrics.
+  in_loop = {r for r in reads if 0 < r < 8}
+  assert in_loop == {4, 6}, sorted(reads)
+
+
+def test_nan_stop_found_late_saves_the_state_before_the_bad_step(
+    tmp_path, corpus):
+  # The bad step 5 is read at step 6 (a checkpoint step; logs every 4):
+  # step 6 ran on the device meanwhile but changed nothing.
+  config = config_for(corpus, steps=8, inject_nan_at_step=5,
+                      log_every_steps=4)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.TrainingDiverged, match='at step 5;'):
+    train.train(config, str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
+  debug = workdir / 'nonfinite' / 'step_5'
+  with ocp.StandardCheckpointer() as reader:
+    saved = reader.restore(debug / 'state')
+  assert int(saved['step']) == 4
+  # Exactly the state an uninterrupted run has after step 4 ...
+  clean = config_for(corpus, steps=8)
+  train.train(clean, str(tmp_path / 'clean'), stop_at=4)
+  _, params_4, _ = ztt_jax.load(tmp_path / 'clean', step=4)
+  chex.assert_trees_all_equal(saved['params'], params_4)
+  # ... and the batch step 5 took (the iterator's fifth).
+  dataset_iter = train_iterator(clean, tmp_path / 'clean')
+  for _ in range(5):
+    batch_5 = next(dataset_iter)
+  saved_batch = np.load(debug / 'batch.npz')
+  for name in ('inputs', 'targets'):
+    np.testing.assert_array_equal(saved_batch[name], batch_5[name])
+
+
+def train_iterator(config, workdir):
+  corpus = data.prepare(config.data, workdir, write=False)
+  return data.make_train_iterator(data.make_train_dataset(
+      corpus.train_N, config.data.seq_len, config.train.batch_size,
+      config.seed))
 
 
 def test_mistyped_override_is_one_line_exit_2(tmp_path):

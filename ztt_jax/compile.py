@@ -8,11 +8,14 @@ Lowers and compiles the exact train step `ztt-train` runs (same shardings,
 same donation) for a TPU topology, on any machine, with nothing allocated:
 `jax[tpu]` brings libtpu, whose compiler targets the slice named by
 `--topology` (`jax.experimental.topologies`). Prints the per-device memory
-(arguments, outputs, temporaries) against the chip's HBM and the compiled
-FLOPs, and ends with one JSON line:
+(arguments, outputs, temporaries) against the chip's HBM, the compiled
+FLOPs, and a roofline estimate (`roofline`: XLA's FLOPs and bytes accessed
+against the chip's peak bf16 FLOP/s and HBM bandwidth, a lower bound on the
+step time and an upper bound on MFU), and ends with one JSON line:
 
     {"topology": "v5e:16x16", "per_device_bytes": ..., "hbm_bytes": ...,
-     "fits": true, ...}
+     "fits": true, "flops": ..., "bytes_accessed": ...,
+     "roofline_step_s": ..., "mfu_upper_bound": ..., ...}
 
 `--mesh=DATA,FSDP,TENSOR` overrides `config.mesh` (-1: the remaining
 devices); any config field can be overridden as in ztt-train.
@@ -21,6 +24,7 @@ devices); any config field can be overridden as in ztt-train.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -43,6 +47,26 @@ from ztt_jax.errors import ConfigError, check
 GIB = 1 << 30
 # HBM per chip, GiB (Cloud TPU system architecture pages).
 HBM_GIB_PER_CHIP = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipPeak:
+  """A chip's peak dense bfloat16 FLOP/s and HBM bandwidth (bytes/s)."""
+  flops_per_s: float
+  hbm_bytes_per_s: float
+
+
+# Public spec values, per chip, from the key-specifications tables of the
+# Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e,
+# /v5p, /v6e): v4 275 TFLOP/s bf16, HBM2 1200 GB/s; v5e 197 TFLOP/s, HBM2
+# 819 GB/s; v5p 459 TFLOP/s, HBM2e 2765 GB/s; v6e (Trillium) 918 TFLOP/s,
+# 1638 GB/s. ztt-compile targets TPU topologies only, so no GPU is listed.
+PEAK_PER_CHIP = {
+    'v4': ChipPeak(275e12, 1200e9),
+    'v5e': ChipPeak(197e12, 819e9),
+    'v5p': ChipPeak(459e12, 2765e9),
+    'v6e': ChipPeak(918e12, 1638e9),
+}
 _TOPOLOGY_RE = re.compile(r'^(v4|v5e|v5p|v6e):([1-9][0-9]*(?:x[1-9][0-9]*){1,2})$')
 _INSTALL_TPU = 'pip install -e ".[tpu]"'
 
@@ -62,6 +86,38 @@ def hbm_bytes_per_device(generation: str, n_chips: int,
   """A chip's HBM split over its JAX devices (v4 exposes 2 per chip)."""
   per_chip = max(n_devices // n_chips, 1)
   return HBM_GIB_PER_CHIP[generation] * GIB // per_chip
+
+
+def peak_per_device(generation: str, n_chips: int,
+                    n_devices: int) -> ChipPeak:
+  """A chip's peak FLOP/s and HBM bandwidth split over its JAX devices."""
+  per_chip = max(n_devices // n_chips, 1)
+  chip = PEAK_PER_CHIP[generation]
+  return ChipPeak(chip.flops_per_s / per_chip,
+                  chip.hbm_bytes_per_s / per_chip)
+
+
+def roofline(flops: float, bytes_accessed: float, model_flops: float,
+             peak: ChipPeak) -> dict[str, Any]:
+  """A lower bound on one device's step time and an upper bound on MFU.
+
+  The step cannot be faster than its FLOPs at peak FLOP/s nor than its
+  memory traffic at peak HBM bandwidth: `roofline_step_s` is the larger of
+  the two. XLA's cost analysis counts the body of a loop (a scan over
+  layers, cycles or micro-batches) once, so for a scanned model its FLOPs
+  and bytes are below what runs; the compute term therefore takes the
+  larger of XLA's FLOPs and the model FLOPs (which all run), and the memory
+  term stays a lower bound. `mfu_upper_bound` is the model FLOPs' time at
+  peak over that step time: the MFU no implementation of this program can
+  beat on this chip.
+  """
+  compute_s = max(flops, model_flops) / peak.flops_per_s
+  memory_s = bytes_accessed / peak.hbm_bytes_per_s
+  step_s = max(compute_s, memory_s)
+  return {'roofline_step_s': step_s,
+          'roofline_bound': 'compute' if compute_s >= memory_s else 'memory',
+          'mfu_upper_bound': (model_flops / peak.flops_per_s / step_s
+                              if step_s > 0 else None)}
 
 
 @contextlib.contextmanager
@@ -135,18 +191,23 @@ def _first(analysis) -> dict[str, float]:
 
 
 def aot_compile(config: ml_collections.ConfigDict, devices,
-                hbm_bytes: int | None = None) -> dict[str, Any]:
+                hbm_bytes: int | None = None,
+                peak: ChipPeak | None = None) -> dict[str, Any]:
   """Compiles the sharded train step for `devices`; nothing is allocated.
 
   Args:
     config: a training config (`model.vocab_size` must be set).
     devices: the devices of the mesh: a TPU topology's, or local ones.
     hbm_bytes: memory per device to compare against (None: not compared).
+    peak: a device's peak FLOP/s and HBM bandwidth for the roofline
+      estimate (None: no estimate).
 
   Returns:
     The report: per-device argument/output/alias/temp/code bytes and their
-    total, `fits`, compiled and model FLOPs per device per step, and what was
-    compiled (mesh, params, batch, seconds).
+    total, `fits`, compiled and model FLOPs per device per step, XLA's
+    `flops` and `bytes_accessed`, the roofline estimate (`roofline`; None
+    without `peak` or a compiled program), and what was compiled (mesh,
+    params, batch, seconds).
   """
   setup = train.Setup(config, None, devices=devices)
   step_fn, abstract, shardings, batch_sharding = setup.jit_train_step()
@@ -210,8 +271,21 @@ def aot_compile(config: ml_collections.ConfigDict, devices,
       'compiled_flops_per_device': (float(cost['flops']) if 'flops' in cost
                                     else None),
       'model_flops_per_device': model_flops,
+      'flops': float(cost['flops']) if 'flops' in cost else None,
+      'bytes_accessed': (float(cost['bytes accessed'])
+                         if 'bytes accessed' in cost else None),
+      'peak_flops_per_device': None if peak is None else peak.flops_per_s,
+      'hbm_bytes_per_s_per_device': (None if peak is None
+                                     else peak.hbm_bytes_per_s),
+      'roofline_step_s': None,
+      'roofline_bound': None,
+      'mfu_upper_bound': None,
       'compile_s': round(seconds, 1),
   }
+  if peak is not None and report['flops'] is not None and (
+      report['bytes_accessed'] is not None):
+    report.update(roofline(report['flops'], report['bytes_accessed'],
+                           model_flops, peak))
   if error is not None:
     report['fits'] = False
     report['compile_error'] = error['message']
@@ -260,8 +334,9 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   for d in dims:
     n_chips *= d
   hbm = hbm_bytes_per_device(generation, n_chips, len(devices))
+  peak = peak_per_device(generation, n_chips, len(devices))
   return {'topology': topology, 'chips': n_chips,
-          **aot_compile(config, devices, hbm)}
+          **aot_compile(config, devices, hbm, peak)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -293,6 +368,20 @@ def format_report(report: dict[str, Any]) -> str:
       'which counts a loop body once), '
       f"model {report['model_flops_per_device']:.4g} "
       '(model.flops_per_token x tokens / devices)',
+      *_roofline_lines(report),
       json.dumps(report),
   ]
   return '\n'.join(lines)
+
+
+def _roofline_lines(report: dict[str, Any]) -> list[str]:
+  if report.get('roofline_step_s') is None:
+    return []
+  return [
+      f"roofline per device: {report['flops']:.4g} FLOPs (XLA), "
+      f"{report['bytes_accessed'] / GIB:.2f} GiB accessed at "
+      f"{report['peak_flops_per_device'] / 1e12:.0f} TFLOP/s bf16 and "
+      f"{report['hbm_bytes_per_s_per_device'] / 1e9:.0f} GB/s HBM: step "
+      f">= {report['roofline_step_s'] * 1e3:.2f} ms "
+      f"({report['roofline_bound']}-bound), MFU <= "
+      f"{report['mfu_upper_bound']:.1%}"]

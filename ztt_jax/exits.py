@@ -1,7 +1,8 @@
 """Exit heads: the loss over them and the statistics that stop cycling.
 
 Everything that reads the exit heads goes through here: the training loss
-(`train.loss_fn`), validation losses per head (`evaluate.eval_outputs`), the
+(`train.loss_fn`; `feature_losses` for the cheaper variants,
+`model.exit_loss_fraction` and `model.ce_chunk_len`), validation losses per head (`evaluate.eval_outputs`), the
 exit statistic of a whole-sequence pass (`output_statistics`: ztt-eval's
 thresholds, the training summary) and of one decoding step
 (`generate.forward`), and the rule that turns a statistic into an exit
@@ -57,6 +58,68 @@ def head_losses(out: model_lib.ModelOutput, targets_BxT) -> jax.Array:
   """Token cross-entropy of every exit head, [C, B, T] (C = 1 without exit
   heads: the final output only)."""
   return cross_entropy(out.cycle_logits, targets_BxT[None])
+
+
+def exit_positions(rng: jax.Array, t: int, fraction: float) -> jax.Array:
+  """`round(fraction * t)` (at least 1) distinct positions of [0, t),
+  ascending, drawn with `rng`: where the early exit heads score a step."""
+  p = max(1, round(fraction * t))
+  return jnp.sort(jax.random.permutation(rng, t)[:p])
+
+
+def chunked_cross_entropy(logits_fn, h_BxTxD: jax.Array, targets_BxT,
+                          chunk_len: int) -> jax.Array:
+  """`cross_entropy(logits_fn(h), targets)` [B, T], `chunk_len` positions
+  at a time (0: all at once).
+
+  Each chunk's float32 logits [B, chunk_len, V] exist only inside its step
+  of a scan, and the backward pass recomputes them (`jax.checkpoint`), so
+  the full [B, T, V] logits are never held. The last chunk is padded.
+  """
+  b, t, d = h_BxTxD.shape
+  if not chunk_len or chunk_len >= t:
+    return cross_entropy(logits_fn(h_BxTxD), targets_BxT)
+  n = -(-t // chunk_len)
+  pad = n * chunk_len - t
+  h_NxBxKxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(
+      b, n, chunk_len, d).swapaxes(0, 1)
+  targets_NxBxK = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(
+      b, n, chunk_len).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk(h_and_targets):
+    h_BxKxD, targets_BxK = h_and_targets
+    return cross_entropy(logits_fn(h_BxKxD), targets_BxK)
+
+  ce_NxBxK = jax.lax.map(chunk, (h_NxBxKxD, targets_NxBxK))
+  return ce_NxBxK.swapaxes(0, 1).reshape(b, n * chunk_len)[:, :t]
+
+
+def feature_losses(cfg: model_lib.ModelConfig, logits_fn,
+                   features_CxBxTxD: jax.Array, targets_BxT: jax.Array,
+                   rng: jax.Array) -> jax.Array:
+  """Mean token cross-entropy of every exit head [C], running the LM head
+  (`logits_fn`) on the exit features (`model(..., logits=False)`).
+
+  The last head scores every position; the heads before it score the
+  positions `exit_positions(rng, T, model.exit_loss_fraction)` (one subset
+  per call, shared by those heads). With `model.ce_chunk_len` the logits
+  come `chunked_cross_entropy`'s way.
+  """
+  c, b, t, _ = features_CxBxTxD.shape
+  ce = lambda h, y: chunked_cross_entropy(logits_fn, h, y, cfg.ce_chunk_len)
+  last = ce(features_CxBxTxD[-1], targets_BxT).mean()[None]
+  if c == 1:
+    return last
+  early_KxBxTxD, early_targets_BxT = features_CxBxTxD[:-1], targets_BxT
+  if cfg.exit_loss_fraction < 1:
+    where_P = exit_positions(rng, t, cfg.exit_loss_fraction)
+    early_KxBxTxD = jnp.take(early_KxBxTxD, where_P, axis=2)
+    early_targets_BxT = jnp.take(targets_BxT, where_P, axis=1)
+  p = early_targets_BxT.shape[1]
+  early_ce = ce(early_KxBxTxD.reshape((c - 1) * b, p, -1),
+                jnp.tile(early_targets_BxT, (c - 1, 1)))
+  return jnp.concatenate([early_ce.reshape(c - 1, -1).mean(1), last])
 
 
 def training_loss(cfg: model_lib.ModelConfig, ce_C: jax.Array) -> jax.Array:

@@ -99,6 +99,14 @@ class ModelConfig:
   exit_grad: str = 'full'
   scan_layers: bool = True
   remat_policy: str = 'none'
+  # Training loss only (the model is the same): the exit heads before the
+  # last score a random subset of this fraction of the positions, drawn per
+  # step and shared by those heads; the last head scores every position.
+  exit_loss_fraction: float = 1.0
+  # Training loss only: > 0 computes the exit heads' cross-entropy over
+  # chunks of this many positions, each chunk's float32 logits recomputed
+  # in the backward pass, so no [B, T, V] logits are held; 0: whole.
+  ce_chunk_len: int = 0
   n_kv_heads: int = 0  # 0: n_heads. Fewer: grouped-query attention.
   positions: str = 'rope'  # rope (rotary q/k) | learned (absolute table).
   max_seq_len: int = 0  # Rows of the learned position table.
@@ -140,8 +148,12 @@ class ModelConfig:
                  'n_cycles'):
       pos(name)
     for name in ('n_head_layers', 'n_tail_layers', 'head_dim', 'd_ff',
-                 'n_kv_heads', 'max_seq_len'):
+                 'n_kv_heads', 'max_seq_len', 'ce_chunk_len'):
       nonneg(name)
+    check(isinstance(self.exit_loss_fraction, (int, float))
+          and 0 < self.exit_loss_fraction <= 1,
+          f'model.exit_loss_fraction={self.exit_loss_fraction!r} must be in '
+          '(0, 1]; 1 scores every position with every exit head')
     for name, allowed in (('zero_pool', ZERO_POOLS), ('gate', GATES),
                           ('zero_key', ZERO_KEYS),
                           ('exit_loss', EXIT_LOSSES),
@@ -222,6 +234,12 @@ class ModelConfig:
     return self.variant != 'vanilla' and self.exit_loss != 'none'
 
   @property
+  def loss_from_features(self) -> bool:
+    """Whether the training loss runs the LM head itself (on exit-head
+    features; `exits.feature_losses`) instead of reading full logits."""
+    return self.exit_loss_fraction < 1 or self.ce_chunk_len > 0
+
+  @property
   def executed_layers(self) -> int:
     return self.head_layers + self.cycles * self.mid_layers + self.tail_layers
 
@@ -248,11 +266,12 @@ def exit_weights(cfg: ModelConfig) -> jax.Array:
 
 @flax.struct.dataclass
 class ModelOutput:
-  """What `apply` returns. Fields that a variant does not have are None."""
-  logits: jax.Array  # [B, T, V] float32, after the last cycle.
+  """What `apply` returns. Fields that a variant does not have are None;
+  with `logits=False` the logits are None and `features` is set."""
+  logits: jax.Array | None  # [B, T, V] float32, after the last cycle.
   # [C, B, T, V]: the exit head after every cycle; C = 1 (the last cycle
   # only) for a model without exit heads. cycle_logits[-1] == logits.
-  cycle_logits: jax.Array
+  cycle_logits: jax.Array | None
   zero_attention: jax.Array | None = None  # [C, B, T] mean over heads, layers.
   # [C, B, T]: log of the zero token's weight relative to the mean key
   # weight (attention.zero_log_weight), mean over heads and layers.
@@ -261,6 +280,9 @@ class ModelOutput:
   # [C, B, T]: the zero token's logit minus the largest real-key logit
   # (attention.zero_token_attention), mean over heads and layers.
   zero_margin: jax.Array | None = None
+  # [C, B, T, D]: what the LM head reads after every cycle (tail layers and
+  # final norm applied); only with `logits=False`.
+  features: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -796,17 +818,30 @@ class Transformer(nn.Module):
                 deterministic=True):
     """Tail layers, final norm and LM head: `(logits_BxTxV float32, cache)`.
     """
+    h_BxTxD, cache = self.exit_features(x_BxTxD, positions_BxT, cache,
+                                        deterministic)
+    return self.lm_logits(h_BxTxD), cache
+
+  def exit_features(self, x_BxTxD, positions_BxT, cache=None,
+                    deterministic=True):
+    """Tail layers and final norm: `(features_BxTxD, cache)`."""
     h_BxTxD, (_, cache) = self.tail(x_BxTxD, None, positions_BxT, cache,
                                     None, deterministic)
-    h_BxTxD = self.final_norm(h_BxTxD).astype(DTYPES[self.cfg.dtype])
+    return self.final_norm(h_BxTxD).astype(DTYPES[self.cfg.dtype]), cache
+
+  def lm_logits(self, h_xD):
+    """The LM head on exit features [..., D]: float32 logits [..., V]."""
     if self.cfg.tie_embeddings:
-      logits_BxTxV = self.embed.attend(h_BxTxD)
+      logits_xV = self.embed.attend(h_xD)
     else:
-      logits_BxTxV = self.lm_head(h_BxTxD)
-    return logits_BxTxV.astype(jnp.float32), cache
+      logits_xV = self.lm_head(h_xD)
+    return logits_xV.astype(jnp.float32)
 
   def __call__(self, tokens_BxT, deterministic: bool = True,
-               positions_BxT=None) -> ModelOutput:
+               positions_BxT=None, logits: bool = True) -> ModelOutput:
+    """The whole-sequence pass. `logits=False` stops before the LM head and
+    returns every exit head's `features` instead (the training loss then
+    runs `lm_logits` itself, `exits.feature_losses`)."""
     cfg = self.cfg
     b, t = tokens_BxT.shape
     if positions_BxT is None:
@@ -829,15 +864,18 @@ class Transformer(nn.Module):
                                     ys_CxBxTxD[-1:]])
     h_NxTxD = (ys_CxBxTxD.reshape(c * b, t, -1) if cfg.exit_heads
                else x_BxTxD)
-    logits_NxTxV, _ = self.exit_head(h_NxTxD, jnp.tile(positions_BxT, (c, 1)),
-                                     None, deterministic)
-    logits_CxBxTxV = logits_NxTxV.reshape(c, b, t, -1)
-    out = ModelOutput(logits=logits_CxBxTxV[-1], cycle_logits=logits_CxBxTxV,
+    f_NxTxD, _ = self.exit_features(
+        h_NxTxD, jnp.tile(positions_BxT, (c, 1)), None, deterministic)
+    out = ModelOutput(logits=None, cycle_logits=None,
                       zero_attention=cycles_C.zero_attention,
                       zero_weight=cycles_C.zero_weight, gate=cycles_C.gate,
                       zero_margin=cycles_C.zero_margin)
-    chex.assert_shape(out.logits, (b, t, cfg.vocab_size))
-    return out
+    if not logits:
+      return out.replace(features=f_NxTxD.reshape(c, b, t, -1))
+    logits_CxBxTxV = self.lm_logits(f_NxTxD).reshape(c, b, t, -1)
+    chex.assert_shape(logits_CxBxTxV, (c, b, t, cfg.vocab_size))
+    return out.replace(logits=logits_CxBxTxV[-1],
+                       cycle_logits=logits_CxBxTxV)
 
 
 def build(model_config: ml_collections.ConfigDict | ModelConfig) -> nn.Module:
@@ -880,7 +918,8 @@ def flops_per_token(model_config, seq_len: int, training: bool = True
   Matmuls cost 2 FLOPs per weight per token forward; attention adds
   `4 * T * H * K` per layer (scores and weighted sum over T keys, the
   causal half not discounted, as in PaLM's MFU formula); the LM head (and
-  the tail) run once per exit head. `training=True` multiplies by 3
+  the tail) run once per exit head (in training, the LM heads before the
+  last on `exit_loss_fraction` of the positions). `training=True` multiplies by 3
   (forward + backward).
   """
   cfg = ModelConfig.from_config(model_config)
@@ -890,11 +929,14 @@ def flops_per_token(model_config, seq_len: int, training: bool = True
   heads = cfg.cycles if cfg.exit_heads else 1
   layers = (cfg.head_layers + cfg.cycles * cfg.mid_layers
             + heads * cfg.tail_layers)
+  # The exit heads before the last score `exit_loss_fraction` of the
+  # positions in training.
+  lm_heads = 1 + (heads - 1) * (cfg.exit_loss_fraction if training else 1)
   zero = 1 if cfg.zero_pool != 'none' else 0
   # The zero key's logit and (projected) its key: per layer and cycle.
   zero_cost = 4 * hk + (2 * d * gk / seq_len
                         if cfg.zero_key == 'projected' else 0)
-  fwd = (2 * layer * layers + 2 * d * cfg.vocab_size * heads
+  fwd = (2 * layer * layers + 2 * d * cfg.vocab_size * lm_heads
          + 4 * hk * seq_len * layers
          + zero * zero_cost * cfg.cycles * cfg.mid_layers)
   return float(3 * fwd if training else fwd)

@@ -58,10 +58,24 @@ class TrainState:
 
 def loss_fn(module, model_cfg: model_lib.ModelConfig, params, batch, rng,
             deterministic: bool):
-  """Training loss (exit heads weighted per `model.exit_loss`) and metrics."""
+  """Training loss (exit heads weighted per `model.exit_loss`) and metrics.
+
+  With `model.exit_loss_fraction` < 1 or `model.ce_chunk_len` the model
+  stops before the LM head and `exits.feature_losses` runs it (on a subset
+  of positions for the early heads, in chunks), never holding the full
+  [C, B, T, V] logits.
+  """
+  from_features = model_cfg.loss_from_features
   out = module.apply({'params': params}, batch['inputs'],
-                     deterministic=deterministic, rngs={'dropout': rng})
-  ce_C = exits.head_losses(out, batch['targets']).mean((1, 2))
+                     deterministic=deterministic, rngs={'dropout': rng},
+                     logits=not from_features)
+  if from_features:
+    logits_fn = lambda h: module.apply({'params': params}, h,
+                                       method=model_lib.Transformer.lm_logits)
+    ce_C = exits.feature_losses(model_cfg, logits_fn, out.features,
+                                batch['targets'], jax.random.fold_in(rng, 1))
+  else:
+    ce_C = exits.head_losses(out, batch['targets']).mean((1, 2))
   loss = exits.training_loss(model_cfg, ce_C)
   aux = {'ce': ce_C[-1]}
   if model_cfg.exit_heads:
@@ -77,9 +91,18 @@ def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
                     seed: int, inject_nan_at_step: int = -1):
   """The (unjitted) train step: grads, optional accumulation, AdamW.
 
-  A step whose loss or gradients are not finite leaves params and optimizer
-  state unchanged (only `step` advances) and reports `finite=False`; the
-  loop then stops or carries on per `train.nan_policy`.
+  `train_step(state, batch)`: a step whose loss or gradients are not finite
+  leaves params and optimizer state unchanged (only `step` advances) and
+  reports `finite=False` (`train.nan_policy=skip`).
+
+  `train_step(state, batch, healthy)` (`train.nan_policy=stop`): as above,
+  and once a step is not finite (or `healthy` is False) the whole state,
+  `step` included, stands still: it stays the state from before the first
+  bad step, whichever later steps the loop dispatches before it reads the
+  flags. Reports `healthy` (this step's and every earlier one's `finite`)
+  for the next call. Either way the decision is made on the device: the
+  loop never has to wait for a step to finish before dispatching the next.
+
   `inject_nan_at_step` (tests only) poisons that step's loss and grads.
   """
   deterministic = model_cfg.dropout == 0
@@ -87,7 +110,7 @@ def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
       functools.partial(loss_fn, module, model_cfg, deterministic=deterministic),
       has_aux=True)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, healthy=None):
     rng = jax.random.fold_in(jax.random.key(seed + 1), state.step)
     if accum_steps == 1:
       (loss, aux), grads = grad_fn(state.params, batch, rng)
@@ -114,13 +137,17 @@ def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+    updated = TrainState(state.step + 1,
+                         optax.apply_updates(state.params, updates), opt_state)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
                'lr': schedule(state.step), **aux}
-    return TrainState(state.step + 1, keep(params, state.params),
-                      keep(opt_state, state.opt_state)), metrics
+    if healthy is None:  # skip: drop the update, count the step.
+      apply, kept = finite, state.replace(step=state.step + 1)
+    else:  # stop: stand still from the first bad step on.
+      apply, kept = finite & healthy, state
+      metrics['healthy'] = apply
+    state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), updated, kept)
+    return state, metrics
 
   return train_step
 
@@ -180,17 +207,23 @@ class Setup:
     return abstract, sharding.state_shardings(specs, abstract, self.mesh,
                                               self.rules)
 
-  def jit_train_step(self):
+  def jit_train_step(self, stop_on_nonfinite: bool = False):
     """The sharded train step under `jax.jit` (state donated), with the
-    abstract state and the state and batch shardings it takes."""
+    abstract state and the state and batch shardings it takes.
+
+    With `stop_on_nonfinite` it takes and reports the `healthy` flag too
+    (`make_train_step`; what `train.nan_policy=stop` runs).
+    """
     abstract, shardings = self.state_shardings()
     batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    replicated = sharding.replicated(self.mesh)
     step_fn = jax.jit(
         make_train_step(self.module, self.model_cfg, self.tx, self.schedule,
                         self.config.train.grad_accum_steps, self.config.seed,
                         self.config.train.inject_nan_at_step),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, sharding.replicated(self.mesh)),
+        in_shardings=(shardings, batch_sharding)
+        + ((replicated,) if stop_on_nonfinite else ()),
+        out_shardings=(shardings, replicated),
         donate_argnums=0)
     return step_fn, abstract, shardings, batch_sharding
 
@@ -225,7 +258,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   writer = metrics_lib.MetricWriter(workdir, t.steps, enabled=is_main,
                                     stream=stream)
 
-  step_fn, abstract, shardings, batch_sharding = setup.jit_train_step()
+  step_fn, abstract, shardings, batch_sharding = setup.jit_train_step(
+      stop_on_nonfinite=t.nan_policy == 'stop')
   eval_fn = jax.jit(functools.partial(evaluate.eval_outputs, module),
                     in_shardings=(shardings.params, batch_sharding),
                     out_shardings=sharding.replicated(setup.mesh))
@@ -294,27 +328,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
     last_eval = {}
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     preempted = None
+    guard = NonfiniteGuard(t.nan_policy, dataset, workdir, writer,
+                           setup.mesh)
     with _StopSignals(jax.process_count() > 1, step) as signals:
       while step < end:
         local_batch = next(data_iter)
         batch = data.to_global_batch(local_batch, batch_sharding,
                                      t.batch_size)
-        state, step_metrics = step_fn(state, batch)
+        # Dispatched without waiting for the step before it to finish.
+        state, step_metrics = step_fn(state, batch, *guard.step_args())
         step += 1
-        if not bool(jax.device_get(step_metrics['finite'])):
-          _on_nonfinite(t.nan_policy, step, state, local_batch,
-                        workdir, writer)
+        guard.record(step, step_metrics)
         if step == start_step + 1:
           jax.block_until_ready(state)
           compile_s = time.perf_counter() - t_last
           t_last, last_log = time.perf_counter(), step
           writer.print(f'first step (compile + run) took {compile_s:.1f}s')
-        if step % config.checkpoint.every_steps == 0:
-          ckpt.save(step, state, data_iter, config, force=True)
+        save = step % config.checkpoint.every_steps == 0
         do_eval = step == end or (t.eval_every_steps and
                                   step % t.eval_every_steps == 0)
-        if step % t.log_every_steps == 0 or do_eval:
+        log = step % t.log_every_steps == 0 or do_eval
+        if save or log:  # Steps that read the device anyway.
+          guard.check(state)
+        if save:
+          ckpt.save(step, state, data_iter, config, force=True)
+        if log:
           row = jax.device_get(step_metrics)
+          row.pop('healthy', None)
           now = time.perf_counter()
           if step > last_log:
             tps = (step - last_log) * tokens_per_step / (now - t_last)
@@ -328,6 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
         preempted = signals.check(step)
         if preempted:
           break
+    guard.check(state)
     if preempted:
       if ckpt.latest_step() != step:
         ckpt.save(step, state, data_iter, config, force=True)
@@ -425,24 +466,64 @@ class _StopSignals:
 EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130, 'a preemption notice': 143}
 
 
-def _on_nonfinite(policy: str, step: int, state, local_batch, workdir: str,
-                  writer) -> None:
-  """`skip`: warn and go on (the step's update was not applied). `stop`:
-  save the state and the batch under WORKDIR/nonfinite/step_N (beside the
-  checkpoints, never over them) and raise TrainingDiverged."""
-  if policy == 'skip':
-    writer.print(f'warning: non-finite loss or gradients at step {step}: '
-                 'update skipped (train.nan_policy=skip)')
-    return
-  debug_dir = os.path.join(workdir, 'nonfinite', f'step_{step}')
-  with ocp.StandardCheckpointer() as saver:
-    saver.save(os.path.join(debug_dir, 'state'), state, force=True)
-  if jax.process_index() == 0:
-    np.savez(os.path.join(debug_dir, 'batch.npz'), **local_batch)
-  raise TrainingDiverged(
-      f'non-finite loss or gradients at step {step}; the state before it and '
-      f'the batch are in {debug_dir}, the checkpoints are untouched; lower '
-      'train.lr or set train.nan_policy=skip')
+class NonfiniteGuard:
+  """`train.nan_policy` without a host sync per step.
+
+  The train step itself drops a non-finite update (and under `stop`
+  freezes the state from there on, `make_train_step`), so the loop only
+  keeps each step's `finite` flag, still on the device (`record`), and
+  reads them all at once at steps that read the device anyway: log, eval
+  and checkpoint steps and the end (`check`, before anything is saved).
+  Then `skip` warns once per dropped step; `stop` saves the state from
+  before the first bad step and that step's batch under
+  WORKDIR/nonfinite/step_N (beside the checkpoints, never over them) and
+  raises TrainingDiverged. The batch is read again from the dataset (batch
+  s is a pure function of (seed, s)), so none is kept in memory meanwhile.
+  """
+
+  def __init__(self, policy: str, dataset, workdir: str, writer, mesh):
+    self.policy, self.dataset = policy, dataset
+    self.workdir, self.writer = workdir, writer
+    self.pending = []  # (step, finite flag on the device), oldest first.
+    self.healthy = (jax.device_put(np.bool_(True), sharding.replicated(mesh))
+                    if policy == 'stop' else None)
+
+  def step_args(self) -> tuple[Any, ...]:
+    """The train step's arguments after (state, batch)."""
+    return () if self.healthy is None else (self.healthy,)
+
+  def record(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics['finite']))
+    if self.healthy is not None:
+      self.healthy = metrics['healthy']
+
+  def check(self, state) -> None:
+    """Reads the flags recorded since the last check (one transfer)."""
+    if not self.pending:
+      return
+    steps = [s for s, _ in self.pending]
+    finite = jax.device_get([f for _, f in self.pending])
+    self.pending = []
+    for step, ok in zip(steps, finite):
+      if ok:
+        continue
+      if self.policy == 'skip':
+        self.writer.print(f'warning: non-finite loss or gradients at step '
+                          f'{step}: update skipped (train.nan_policy=skip)')
+      else:
+        self._stop(step, state)
+
+  def _stop(self, step: int, state) -> None:
+    debug_dir = os.path.join(self.workdir, 'nonfinite', f'step_{step}')
+    with ocp.StandardCheckpointer() as saver:
+      saver.save(os.path.join(debug_dir, 'state'), state, force=True)
+    if jax.process_index() == 0:
+      # This process's rows of the batch of step `step` (dataset[step - 1]).
+      np.savez(os.path.join(debug_dir, 'batch.npz'), **self.dataset[step - 1])
+    raise TrainingDiverged(
+        f'non-finite loss or gradients at step {step}; the state before it '
+        f'and the batch are in {debug_dir}, the checkpoints are untouched; '
+        'lower train.lr or set train.nan_policy=skip')
 
 
 def _check_writable(workdir: str) -> None:
@@ -467,7 +548,7 @@ def _check_same_model(ckpt, step: int, config) -> None:
   differ = sorted(k for k in config.model.keys()
                   if saved_model.get(k) != config.model[k]
                   and k not in ('remat_policy', 'scan_layers', 'dropout',
-                                'dtype'))
+                                'dtype', 'ce_chunk_len'))
   changes = ', '.join(f'{k}: {saved_model.get(k)!r} -> {config.model[k]!r}'
                       for k in differ)
   check(not differ,

@@ -6,8 +6,9 @@
 
 Lowers and compiles the exact sharded train step ztt-train runs for the TPU
 topology, on any machine (needs libtpu: pip install -e ".[tpu]"), allocating
-nothing; prints the per-device memory against the chip's HBM and the FLOPs,
-then the report as one JSON line. Runs `compile.compile_for_topology`.
+nothing; prints the per-device memory against the chip's HBM, the FLOPs and
+a roofline estimate (lower bound on step time, upper bound on MFU), then the
+report as one JSON line. Runs `compile.compile_for_topology`.
 """
 
 from __future__ import annotations
