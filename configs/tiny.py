@@ -1,7 +1,9 @@
-"""Tiny config for fast CPU tests: trains in seconds on tinyshakespeare.
+"""Tiny config for fast CPU tests: trains in seconds, char level.
 
-ztt-train --config=configs/tiny.py:ztt --workdir=runs/tiny \
-    --config.data.path=../shared/data/tinyshakespeare.txt
+ztt-train --config=configs/tiny.py:ztt --workdir=runs/tiny
+
+The corpus defaults to builtin:stdlib (this Python's standard-library
+source, on every machine); any text with --config.data.path=FILE.
 
 The argument picks the variant: vanilla, basic_cycle, head_tail_cycle or ztt.
 """
@@ -13,7 +15,7 @@ def get_config(variant: str = 'ztt'):
   config = configlib.base_config(variant)
   config.model.update(d_model=32, n_heads=4, n_head_layers=1, n_mid_layers=2,
                       n_tail_layers=1, n_cycles=3)
-  config.data.update(path='../shared/data/tinyshakespeare.txt',
+  config.data.update(path='builtin:stdlib',
                      tokenizer='char', seq_len=32)
   config.train.update(steps=20, batch_size=8, lr=3e-3, warmup_steps=5,
                       log_every_steps=5, eval_every_steps=10, eval_batches=2)

@@ -193,9 +193,19 @@ def test_char_split_at_character_boundary(tmp_path):
   tok = corpus.tokenizer
   assert tok.decode(corpus.train_N) == TEXT[:n_train]
   assert tok.decode(corpus.val_N) == TEXT[n_train:]
-  assert tok.chars == sorted(set(TEXT[:n_train]))
+  assert tok.chars == sorted(set(TEXT))
   loaded = tokenizers.load_tokenizer(tmp_path / 'work')
   assert loaded.chars == tok.chars
+
+
+def test_char_vocabulary_covers_the_validation_tail(tmp_path):
+  # '_' first appears in the last 10%: once fatal ("not in the vocabulary").
+  text = 'abc def\n' * 90 + 'x_y\n' * 10
+  source = _write(tmp_path / 'a.txt', text)
+  corpus = data.prepare(_config(source, tokenizer='char', seq_len=4),
+                        tmp_path / 'work')
+  assert '_' in corpus.tokenizer.chars
+  assert corpus.tokenizer.decode(corpus.val_N).endswith('x_y\n')
 
 
 def test_sentencepiece_prepare_round_trip(tmp_path):

@@ -100,7 +100,7 @@ def test_char_unknown_character_is_config_error():
   with pytest.raises(ConfigError) as error:
     tok.encode('abz')
   message = _one_line(error)
-  assert "'z'" in message and 'training split' in message
+  assert "'z'" in message and 'training corpus' in message
   with pytest.raises(ConfigError, match='not in the vocabulary'):
     tok.encode('\U0001F600')  # Beyond the lookup table.
 

@@ -121,7 +121,9 @@ def resolve_sources(path: str) -> list[pathlib.Path]:
     ConfigError: the path does not exist, matches nothing or is empty.
   """
   check(isinstance(path, str) and bool(path),
-        f'data.path={path!r}: empty or not a string; {_PATH_FIX}')
+        f'data.path={path!r}: this config names no corpus; pass '
+        '--config.data.path=PATH (a text file, directory or glob, a '
+        f'ztt-prepare directory, or {BUILTIN_STDLIB})')
   if path == BUILTIN_STDLIB:
     files = _stdlib_files()
   elif _GLOB_CHARS & set(path):
@@ -346,7 +348,10 @@ def prepare(data_config: ml_collections.ConfigDict,
         f'{str(workdir)!r} has no {tokenizers.JSON_NAME} although process 0 '
         'prepared the corpus; the workdir must be one directory every '
         'process sees')
-  tokenizer, is_new = _workdir_tokenizer(options, workdir, corpus[:offset])
+  # char: every character of the corpus (nanoGPT), so one first seen in
+  # the validation tail is no error; sentencepiece learns the train split.
+  tokenizer, is_new = _workdir_tokenizer(
+      options, workdir, corpus if options.kind == 'char' else corpus[:offset])
   sources_sha256 = hashlib.sha256(corpus).hexdigest()
   key = _cache_key(sources_sha256, sources, tokenizer, options.val_fraction)
   cache_path = options.cache_root / key

@@ -135,7 +135,8 @@ def _code_points(text: str) -> np.ndarray:
 
 
 class CharTokenizer(Tokenizer):
-  """One id per character; the vocabulary is the sorted training characters."""
+  """One id per character; the vocabulary is the sorted characters of the
+  whole corpus (training and validation text, as nanoGPT builds it)."""
 
   name = 'char'
 
@@ -178,8 +179,9 @@ class CharTokenizer(Tokenizer):
       index = int(bad_N[0])
       raise ConfigError(
           f'char tokenizer: character {text[index]!r} (position {index}) is '
-          'not in the vocabulary, which comes from the training split; remove '
-          'it from the text or use data.tokenizer=byte or sentencepiece')
+          'not in the vocabulary, which comes from the training corpus; '
+          'remove it from the text or use data.tokenizer=byte or '
+          'sentencepiece')
     return ids_N.astype(np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
