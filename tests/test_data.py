@@ -284,6 +284,38 @@ def test_resumed_run_keeps_workdir_tokenizer(tmp_path):
     data.prepare(_config(source, tokenizer='byte'), workdir)
 
 
+@pytest.mark.parametrize('kind, fixture, vocab', [
+    ('sentencepiece', 'sp_model_file', 400), ('hf', 'hf_tokenizer_file', 320)])
+def test_existing_tokenizer_is_loaded_and_sets_the_vocabulary(
+    tmp_path, request, kind, fixture, vocab):
+  path = request.getfixturevalue(fixture)
+  source = _write(tmp_path / 'a.txt', TEXT)
+  config = _config(source, tokenizer=kind, tokenizer_path=path,
+                   vocab_size=5000)
+  corpus = data.prepare(config, tmp_path / 'work')
+  tok = corpus.tokenizer
+  assert tok.vocab_size == vocab and corpus.meta['vocab_size'] == vocab
+  assert tok.decode(corpus.train_N) + tok.decode(corpus.val_N) == TEXT
+  assert tokenizers.load_tokenizer(tmp_path / 'work').fingerprint() == (
+      tok.fingerprint())
+  again = data.prepare(config, tmp_path / 'work')  # Resumes: same ids.
+  np.testing.assert_array_equal(again.train_N, corpus.train_N)
+
+
+def test_resume_with_another_tokenizer_file_is_refused(
+    tmp_path, sp_model_file):
+  source = _write(tmp_path / 'a.txt', TEXT)
+  data.prepare(_config(source, tokenizer='sentencepiece',
+                       tokenizer_path=sp_model_file), tmp_path / 'work')
+  other = tmp_path / 'other.model'
+  other.write_bytes(tokenizers.SentencePieceTokenizer.train(
+      TEXT, 300).model_bytes)
+  with pytest.raises(ConfigError, match='differs from the tokenizer') as e:
+    data.prepare(_config(source, tokenizer='sentencepiece',
+                         tokenizer_path=str(other)), tmp_path / 'work')
+  _one_line(e)
+
+
 # ------------------------------------------------------------ train input --
 
 SEQ_LEN = 8

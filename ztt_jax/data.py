@@ -64,6 +64,7 @@ class _Options:
   """Validated data config values."""
   path: str
   kind: str
+  tokenizer_path: str
   vocab_size: int
   model_type: str
   val_fraction: float
@@ -182,7 +183,9 @@ def _options(data_config) -> _Options:
   configlib.validate_data(data_config)
   d = data_config
   return _Options(
-      path=d.path, kind=d.tokenizer, vocab_size=d.vocab_size,
+      path=d.path, kind=d.tokenizer,
+      tokenizer_path=os.path.expanduser(d.get('tokenizer_path', '')),
+      vocab_size=d.vocab_size,
       model_type=d.sp_model_type, val_fraction=float(d.val_fraction),
       seq_len=d.seq_len, cache_root=_cache_root(d))
 
@@ -225,13 +228,22 @@ def _workdir_tokenizer(options: _Options, workdir: pathlib.Path,
   """Loads the workdir's tokenizer, or builds one; returns (it, is_new)."""
   if not (workdir / tokenizers.JSON_NAME).exists():
     tokenizer = tokenizers.build_tokenizer(
-        options.kind, train_bytes, options.vocab_size, options.model_type)
+        options.kind, train_bytes, options.vocab_size, options.model_type,
+        options.tokenizer_path)
     return tokenizer, True
   tokenizer = tokenizers.load_tokenizer(workdir)
   check(tokenizer.name == options.kind,
         f'data.tokenizer={options.kind!r} but {str(workdir)!r} holds a '
         f'{tokenizer.name!r} tokenizer; set data.tokenizer={tokenizer.name} '
         'to resume, or use a fresh workdir')
+  if options.tokenizer_path:
+    given = tokenizers.build_tokenizer(options.kind, b'', path=options
+                                       .tokenizer_path)
+    check(given.fingerprint() == tokenizer.fingerprint(),
+          f'data.tokenizer_path={options.tokenizer_path!r} differs from the '
+          f'tokenizer {str(workdir)!r} was trained with; pass that one to '
+          'resume, or use a fresh workdir')
+    return tokenizer, False
   check(options.kind != 'sentencepiece' or
         tokenizer.vocab_size == options.vocab_size,
         f'data.vocab_size={options.vocab_size} but {str(workdir)!r} holds a '
