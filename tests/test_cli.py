@@ -1,4 +1,4 @@
-"""The six console scripts: --help, one-line user errors, flags = library.
+"""The seven console scripts: --help, one-line user errors, flags = library.
 
 Each case is a fresh process, as a user runs it. Flag errors and --help
 return before jax is imported (a fraction of a second); the cases that load
@@ -24,6 +24,7 @@ from ztt_jax.commands import compile as compile_command
 from ztt_jax.commands import convert as convert_command
 from ztt_jax.commands import evaluate as evaluate_command
 from ztt_jax.commands import generate as generate_command
+from ztt_jax.commands import prepare as prepare_command
 from ztt_jax.commands import train as train_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ COMMANDS = {
     'ztt-bench': (bench_command, True),
     'ztt-compile': (compile_command, True),
     'ztt-convert': (convert_command, False),
+    'ztt-prepare': (prepare_command, True),
 }
 
 
@@ -99,10 +101,11 @@ def test_help_and_flag_errors_do_not_import_jax():
   code = textwrap.dedent("""
       import sys
       from ztt_jax.commands import (bench, compile, convert, evaluate,
-                                    generate, train)
+                                    generate, prepare, train)
       for command, argv in ((train, ['--help']), (generate, ['--nope=1']),
                             (evaluate, ['--help']), (bench, ['--steps=x']),
-                            (compile, ['--help']), (convert, [])):
+                            (compile, ['--help']), (convert, []),
+                            (prepare, ['--help'])):
         try:
           command.main(argv)
         except SystemExit:

@@ -169,11 +169,10 @@ def test_byte_split_is_contiguous_head_and_tail(tmp_path):
   corpus = data.prepare(_config(tmp_path / 'src'), tmp_path / 'work')
   raw = TEXT.encode() + b'\n' + b'second file'
   n_train = int(len(raw) * 0.9)
-  assert corpus.train_N.tobytes() == np.frombuffer(
-      raw[:n_train], np.uint8).astype(np.uint16).tobytes()
+  assert corpus.train_N.tobytes() == raw[:n_train]  # One byte a token.
   np.testing.assert_array_equal(corpus.val_N,
                                 np.frombuffer(raw[n_train:], np.uint8))
-  assert corpus.train_N.dtype == np.uint16
+  assert corpus.train_N.dtype == np.uint8  # The smallest that holds 256.
   assert isinstance(corpus.train_N, np.memmap)
   with pytest.raises(ValueError):
     corpus.train_N[0] = 1  # Read-only.
@@ -181,7 +180,7 @@ def test_byte_split_is_contiguous_head_and_tail(tmp_path):
   assert corpus.meta['n_train_tokens'] + corpus.meta['n_val_tokens'] == len(
       raw)
   assert corpus.meta['tokenizer'] == 'byte' and corpus.meta['dtype'] == (
-      'uint16')
+      'uint8')
   assert tokenizers.load_tokenizer(tmp_path / 'work').name == 'byte'
   assert source.exists()
 
@@ -223,7 +222,7 @@ def test_sentencepiece_prepare_round_trip(tmp_path):
 def test_val_fraction_zero_gives_empty_val(tmp_path):
   source = _write(tmp_path / 'a.txt', TEXT)
   corpus = data.prepare(_config(source, val_fraction=0.0), tmp_path / 'work')
-  assert corpus.val_N.shape == (0,) and corpus.val_N.dtype == np.uint16
+  assert corpus.val_N.shape == (0,) and corpus.val_N.dtype == np.uint8
   assert corpus.train_N.size == len(TEXT.encode())
   again = data.prepare(_config(source, val_fraction=0.0), tmp_path / 'work')
   assert again.val_N.size == 0
