@@ -203,6 +203,26 @@ def test_prepare_with_other_tokenizers(tmp_path, request, kind, fixture):
   assert text == expected
 
 
+def test_other_processes_only_read_a_prepared_dir(tmp_path):
+  output = _prepare(tmp_path, tokenizer='char')
+  config = _data_config(output, tokenizer='char')
+  workdir = tmp_path / 'run'
+  # Before process 0 saved the tokenizer: refused, nothing written.
+  with pytest.raises(ConfigError, match='tokenizer.json'):
+    data.prepare(config, workdir, write=False)
+  assert not workdir.exists()
+  first = data.prepare(config, workdir)  # Process 0.
+  before = sorted(p.name for p in workdir.iterdir())
+  other = data.prepare(config, workdir, write=False)
+  assert sorted(p.name for p in workdir.iterdir()) == before
+  np.testing.assert_array_equal(np.asarray(other.train_N),
+                                np.asarray(first.train_N))
+  # A workdir trained with another tokenizer is refused.
+  with pytest.raises(ConfigError, match='holds another tokenizer'):
+    data.prepare(_data_config(_prepare(tmp_path, 'bytes'), tokenizer='byte'),
+                 workdir)
+
+
 # ---------------------------------------------------------------- held out --
 
 
