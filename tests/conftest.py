@@ -27,3 +27,37 @@ def corpus(tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp('corpus') / 'stdlib.txt'
   path.write_text(text, encoding='utf-8')
   return str(path)
+
+
+def _sample_text() -> str:
+  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  return (stdlib / 'textwrap.py').read_text(encoding='utf-8')
+
+
+@pytest.fixture(scope='session')
+def sp_model_file(tmp_path_factory) -> str:
+  """An existing SentencePiece .model (400 pieces), trained here."""
+  from ztt_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.SentencePieceTokenizer.train(_sample_text(), 400)
+  path = tmp_path_factory.mktemp('sp') / 'm.model'
+  path.write_bytes(tok.model_bytes)
+  return str(path)
+
+
+@pytest.fixture(scope='session')
+def hf_tokenizer_file(tmp_path_factory) -> str:
+  """An existing Hugging Face tokenizer.json: a byte-level BPE (GPT-2
+  style, 320 ids with one special token), built here with `tokenizers`."""
+  from tokenizers import (decoders, models, pre_tokenizers,  # pylint: disable=g-import-not-at-top
+                          trainers, Tokenizer)
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=320, special_tokens=['<|endoftext|>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False)
+  tok.train_from_iterator([_sample_text()], trainer)
+  path = tmp_path_factory.mktemp('hf') / 'tokenizer.json'
+  tok.save(str(path))
+  return str(path)

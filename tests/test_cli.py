@@ -1,4 +1,4 @@
-"""The six console scripts: --help, one-line user errors, flags = library.
+"""The seven console scripts: --help, one-line user errors, flags = library.
 
 Each case is a fresh process, as a user runs it. Flag errors and --help
 return before jax is imported (a fraction of a second); the cases that load
@@ -19,10 +19,12 @@ from ztt_jax import convert
 from ztt_jax import evaluate
 from ztt_jax import generate
 from ztt_jax.commands import bench as bench_command
+from ztt_jax.commands import common
 from ztt_jax.commands import compile as compile_command
 from ztt_jax.commands import convert as convert_command
 from ztt_jax.commands import evaluate as evaluate_command
 from ztt_jax.commands import generate as generate_command
+from ztt_jax.commands import prepare as prepare_command
 from ztt_jax.commands import train as train_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,6 +36,7 @@ COMMANDS = {
     'ztt-bench': (bench_command, True),
     'ztt-compile': (compile_command, True),
     'ztt-convert': (convert_command, False),
+    'ztt-prepare': (prepare_command, True),
 }
 
 
@@ -98,10 +101,11 @@ def test_help_and_flag_errors_do_not_import_jax():
   code = textwrap.dedent("""
       import sys
       from ztt_jax.commands import (bench, compile, convert, evaluate,
-                                    generate, train)
+                                    generate, prepare, train)
       for command, argv in ((train, ['--help']), (generate, ['--nope=1']),
                             (evaluate, ['--help']), (bench, ['--steps=x']),
-                            (compile, ['--help']), (convert, [])):
+                            (compile, ['--help']), (convert, []),
+                            (prepare, ['--help'])):
         try:
           command.main(argv)
         except SystemExit:
@@ -135,3 +139,55 @@ def test_project_scripts_are_the_command_mains():
   for command, target in scripts.items():
     module, function = target.split(':')
     assert (module, function) == (COMMANDS[command][0].__name__, 'main')
+
+
+def _host(tmp_path, *files: tuple[str, str]) -> str:
+  """A fake root: `files` are (path below it, content)."""
+  for name, content in files:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+  return str(tmp_path)
+
+
+@pytest.mark.parametrize('files, expected', [
+    ((), 'cpu'),  # A CPU host: libtpu is never started.
+    ((('sys/bus/pci/devices/0/vendor', '0x1ae0\n'),
+      ('sys/bus/pci/devices/0/device', '0x0042\n')), 'cpu'),  # gVNIC only.
+    ((('dev/accel0', ''),), ''),  # A TPU VM: left to JAX.
+    ((('dev/vfio/0', ''),), ''),
+    ((('sys/bus/pci/devices/0/vendor', '0x1ae0\n'),
+      ('sys/bus/pci/devices/0/device', '0x0063\n')), ''),  # v5e.
+])
+def test_jax_platforms_default_without_a_tpu(tmp_path, monkeypatch, files,
+                                              expected):
+  monkeypatch.setattr(common.importlib.util, 'find_spec',
+                      lambda name: object() if name == 'libtpu' else None)
+  environ = {}
+  assert common.default_jax_platforms(environ, _host(tmp_path, *files)) == (
+      expected)
+  assert environ.get('JAX_PLATFORMS', '') == expected
+  mine = {'JAX_PLATFORMS': 'tpu'}  # Set by the user: kept.
+  assert common.default_jax_platforms(mine, _host(tmp_path)) == ''
+  assert mine == {'JAX_PLATFORMS': 'tpu'}
+
+
+def test_jax_platforms_untouched_without_libtpu(tmp_path, monkeypatch):
+  monkeypatch.setattr(common.importlib.util, 'find_spec', lambda name: None)
+  environ = {}
+  assert common.default_jax_platforms(environ, str(tmp_path)) == ''
+  assert not environ
+
+
+def test_cpu_commands_print_no_libtpu_lines(tmp_path):
+  # ztt-generate as a user runs it (no JAX_PLATFORMS): only its own lines.
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run(
+      [sys.executable, '-c', 'from ztt_jax.commands import common; '
+       'import os; common.run("x", lambda: None); import jax; '
+       'print(os.environ.get("JAX_PLATFORMS"), jax.devices()[0].platform)'],
+      capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+  assert result.returncode == 0 and result.stderr == '', result.stderr
+  has_tpu = any(pathlib.Path('/dev').glob('accel[0-9]*'))
+  if not has_tpu:
+    assert result.stdout.split()[-1] in ('cpu', 'gpu', 'cuda'), result.stdout

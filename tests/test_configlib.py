@@ -75,6 +75,10 @@ def test_validate_checks_every_section():
       ('train.nan_policy', 'ignore', 'train.nan_policy'),
       ('data.sp_model_type', 'words', 'data.sp_model_type'),
       ('data.val_fraction', 0.6, 'data.val_fraction'),
+      ('data.tokenizer', 'hf', 'data.tokenizer=hf needs data.tokenizer_path'),
+      ('data.tokenizer_path', 'x.model', 'data.tokenizer_path=.x.model. is '
+       'for data.tokenizer=sentencepiece or hf, not char'),
+      ('data.jsonl_field', '', 'data.jsonl_field'),
       ('checkpoint.keep', 0, 'checkpoint.keep'),
       ('mesh.dcn_data', 0, 'mesh.dcn_data=0 must be a positive integer'),
       ('model.n_cycles', 0, 'model.n_cycles'),

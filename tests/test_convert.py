@@ -31,6 +31,7 @@ from safetensors import torch as st_torch  # pylint: disable=wrong-import-positi
 from ztt_jax import convert  # pylint: disable=wrong-import-position
 from ztt_jax import generate  # pylint: disable=wrong-import-position
 from ztt_jax import model  # pylint: disable=wrong-import-position
+from ztt_jax import tokenizers  # pylint: disable=wrong-import-position
 from ztt_jax import train  # pylint: disable=wrong-import-position
 from ztt_jax.errors import ConfigError  # pylint: disable=wrong-import-position
 
@@ -323,3 +324,36 @@ def test_new_params_have_logical_axes():
       assert boxed['pos_embed']['embedding'].names == ('positions', 'embed')
       assert attn['query']['bias'].names == ('layers', 'heads', 'kv')
       assert boxed['final_norm']['bias'].names == ('embed',)
+
+
+def test_convert_records_the_source_tokenizer(hf_dirs, tmp_path,
+                                              sp_model_file):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  hf_dir = tmp_path / 'gpt2_with_tokenizer'
+  shutil.copytree(hf_dirs('gpt2'), hf_dir)
+  tok = Tokenizer(models.BPE(unk_token='[UNK]'))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.train_from_iterator(
+      [open(json.__file__, encoding='utf-8').read()],
+      trainers.BpeTrainer(vocab_size=200, special_tokens=['[UNK]'],
+                          show_progress=False))
+  assert tok.get_vocab_size() <= V  # Fits the tiny model's 256 ids.
+  tok.save(str(hf_dir / 'tokenizer.json'))
+  out = tmp_path / 'ztt'
+  report = convert.convert(str(hf_dir), out, variant='vanilla',
+                           stream=io.StringIO())
+  assert report['tokenizer'].startswith('hf (tokenizer.json')
+  recorded = tokenizers.load_tokenizer(out)
+  assert recorded.name == 'hf'
+  np.testing.assert_array_equal(recorded.encode('import json'),
+                                tok.encode('import json').ids)
+  config = finetune.get_config(str(out))
+  assert (config.data.tokenizer, config.data.tokenizer_path) == (
+      'hf', str(out / 'hf_tokenizer.json'))
+  # Too many ids for the model: bytes, said so.
+  (hf_dir / 'tokenizer.json').unlink()
+  shutil.copy(sp_model_file, hf_dir / 'tokenizer.model')  # 400 ids.
+  report = convert.convert(str(hf_dir), tmp_path / 'ztt2', variant='vanilla',
+                           stream=io.StringIO())
+  assert 'not recorded: 400 ids' in report['tokenizer']
+  assert finetune.get_config(str(tmp_path / 'ztt2')).data.tokenizer == 'byte'

@@ -169,11 +169,10 @@ def test_byte_split_is_contiguous_head_and_tail(tmp_path):
   corpus = data.prepare(_config(tmp_path / 'src'), tmp_path / 'work')
   raw = TEXT.encode() + b'\n' + b'second file'
   n_train = int(len(raw) * 0.9)
-  assert corpus.train_N.tobytes() == np.frombuffer(
-      raw[:n_train], np.uint8).astype(np.uint16).tobytes()
+  assert corpus.train_N.tobytes() == raw[:n_train]  # One byte a token.
   np.testing.assert_array_equal(corpus.val_N,
                                 np.frombuffer(raw[n_train:], np.uint8))
-  assert corpus.train_N.dtype == np.uint16
+  assert corpus.train_N.dtype == np.uint8  # The smallest that holds 256.
   assert isinstance(corpus.train_N, np.memmap)
   with pytest.raises(ValueError):
     corpus.train_N[0] = 1  # Read-only.
@@ -181,7 +180,7 @@ def test_byte_split_is_contiguous_head_and_tail(tmp_path):
   assert corpus.meta['n_train_tokens'] + corpus.meta['n_val_tokens'] == len(
       raw)
   assert corpus.meta['tokenizer'] == 'byte' and corpus.meta['dtype'] == (
-      'uint16')
+      'uint8')
   assert tokenizers.load_tokenizer(tmp_path / 'work').name == 'byte'
   assert source.exists()
 
@@ -193,9 +192,19 @@ def test_char_split_at_character_boundary(tmp_path):
   tok = corpus.tokenizer
   assert tok.decode(corpus.train_N) == TEXT[:n_train]
   assert tok.decode(corpus.val_N) == TEXT[n_train:]
-  assert tok.chars == sorted(set(TEXT[:n_train]))
+  assert tok.chars == sorted(set(TEXT))
   loaded = tokenizers.load_tokenizer(tmp_path / 'work')
   assert loaded.chars == tok.chars
+
+
+def test_char_vocabulary_covers_the_validation_tail(tmp_path):
+  # '_' first appears in the last 10%: once fatal ("not in the vocabulary").
+  text = 'abc def\n' * 90 + 'x_y\n' * 10
+  source = _write(tmp_path / 'a.txt', text)
+  corpus = data.prepare(_config(source, tokenizer='char', seq_len=4),
+                        tmp_path / 'work')
+  assert '_' in corpus.tokenizer.chars
+  assert corpus.tokenizer.decode(corpus.val_N).endswith('x_y\n')
 
 
 def test_sentencepiece_prepare_round_trip(tmp_path):
@@ -213,7 +222,7 @@ def test_sentencepiece_prepare_round_trip(tmp_path):
 def test_val_fraction_zero_gives_empty_val(tmp_path):
   source = _write(tmp_path / 'a.txt', TEXT)
   corpus = data.prepare(_config(source, val_fraction=0.0), tmp_path / 'work')
-  assert corpus.val_N.shape == (0,) and corpus.val_N.dtype == np.uint16
+  assert corpus.val_N.shape == (0,) and corpus.val_N.dtype == np.uint8
   assert corpus.train_N.size == len(TEXT.encode())
   again = data.prepare(_config(source, val_fraction=0.0), tmp_path / 'work')
   assert again.val_N.size == 0
@@ -272,6 +281,38 @@ def test_resumed_run_keeps_workdir_tokenizer(tmp_path):
   np.testing.assert_array_equal(second.train_N[:4], [0, 1, 2, 3])
   with pytest.raises(ConfigError, match='holds a .char. tokenizer'):
     data.prepare(_config(source, tokenizer='byte'), workdir)
+
+
+@pytest.mark.parametrize('kind, fixture, vocab', [
+    ('sentencepiece', 'sp_model_file', 400), ('hf', 'hf_tokenizer_file', 320)])
+def test_existing_tokenizer_is_loaded_and_sets_the_vocabulary(
+    tmp_path, request, kind, fixture, vocab):
+  path = request.getfixturevalue(fixture)
+  source = _write(tmp_path / 'a.txt', TEXT)
+  config = _config(source, tokenizer=kind, tokenizer_path=path,
+                   vocab_size=5000)
+  corpus = data.prepare(config, tmp_path / 'work')
+  tok = corpus.tokenizer
+  assert tok.vocab_size == vocab and corpus.meta['vocab_size'] == vocab
+  assert tok.decode(corpus.train_N) + tok.decode(corpus.val_N) == TEXT
+  assert tokenizers.load_tokenizer(tmp_path / 'work').fingerprint() == (
+      tok.fingerprint())
+  again = data.prepare(config, tmp_path / 'work')  # Resumes: same ids.
+  np.testing.assert_array_equal(again.train_N, corpus.train_N)
+
+
+def test_resume_with_another_tokenizer_file_is_refused(
+    tmp_path, sp_model_file):
+  source = _write(tmp_path / 'a.txt', TEXT)
+  data.prepare(_config(source, tokenizer='sentencepiece',
+                       tokenizer_path=sp_model_file), tmp_path / 'work')
+  other = tmp_path / 'other.model'
+  other.write_bytes(tokenizers.SentencePieceTokenizer.train(
+      TEXT, 300).model_bytes)
+  with pytest.raises(ConfigError, match='differs from the tokenizer') as e:
+    data.prepare(_config(source, tokenizer='sentencepiece',
+                         tokenizer_path=str(other)), tmp_path / 'work')
+  _one_line(e)
 
 
 # ------------------------------------------------------------ train input --

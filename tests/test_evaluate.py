@@ -157,6 +157,21 @@ def test_ztt_generate_prints_text_and_cycles(workdir, capsys):
   assert 'mean cycles per generated token 2.00 of 3' in printed
 
 
+def test_ztt_eval_on_a_held_out_val_path(workdir, tmp_path):
+  held_out = tmp_path / 'held_out.txt'
+  held_out.write_text((pathlib.Path(sysconfig.get_paths()['stdlib']) /
+                       'fnmatch.py').read_text(encoding='utf-8'))
+  default = evaluate.run_eval(str(workdir), batches=1, n_thresholds=2,
+                              name='tail')
+  rows = evaluate.run_eval(str(workdir), batches=1, n_thresholds=2,
+                           name='held_out',
+                           overrides={'data.val_path': str(held_out)})
+  assert [r['val_loss'] for r in rows] != [r['val_loss'] for r in default]
+  with pytest.raises(ConfigError, match='data.val_path=.*no such file'):
+    evaluate.run_eval(str(workdir), batches=1, overrides={
+        'data.val_path': str(tmp_path / 'nope.txt')})
+
+
 def test_prompt_outside_the_char_vocabulary(workdir):
   with pytest.raises(ConfigError, match='vocabulary'):
     generate.run_generate(str(workdir), 'caf\u00e9 \u2603', max_new_tokens=2)

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'experiments'))
+import data_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fair  # pylint: disable=g-import-not-at-top,wrong-import-position
 import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 import position  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -198,3 +199,24 @@ def test_fair_runs_train_on_the_configs_own_data():
   assert {'--config.model.d_model=32', '--config.train.gate_lr_scale=0.1',
           '--config.seed=1'} <= set(cmd)
   assert run_all.eval_command('w', fair)[-3:] == list(fair.EARLY_EXIT_FLAGS)
+
+
+def test_data_bench_measures_both_paths_at_a_tiny_size(tmp_path, monkeypatch):
+  monkeypatch.setattr(data_bench, 'FILE_MB', 1)
+  corpus = data_bench.make_corpus(tmp_path, 2)
+  assert sorted(p.name for p in corpus.iterdir()) == [
+      '.complete', 'part_0000.txt', 'part_0001.txt']
+  assert sum(p.stat().st_size for p in corpus.glob('*.txt')) == 2 << 20
+  base = dict(tokenizer='byte', cache_dir=str(tmp_path / 'cache'),
+              batches=2, workers=1, path=str(corpus))
+  first = data_bench.child(dict(base, kind='start',
+                                workdir=str(tmp_path / 'w1')))
+  prepared = data_bench.child(dict(base, kind='prepare',
+                                   output=str(tmp_path / 'prepared')))
+  start = data_bench.child(dict(base, kind='start',
+                                path=str(tmp_path / 'prepared'),
+                                workdir=str(tmp_path / 'w2')))
+  assert first['tokens'] == prepared['tokens'] == start['tokens'] == (
+      (2 << 20) + 1)  # The files and the newline between them.
+  assert all(r['seconds'] > 0 and r['rss_mb'] > 0
+             for r in (first, prepared, start))

@@ -100,7 +100,7 @@ def test_char_unknown_character_is_config_error():
   with pytest.raises(ConfigError) as error:
     tok.encode('abz')
   message = _one_line(error)
-  assert "'z'" in message and 'training split' in message
+  assert "'z'" in message and 'training corpus' in message
   with pytest.raises(ConfigError, match='not in the vocabulary'):
     tok.encode('\U0001F600')  # Beyond the lookup table.
 
@@ -253,3 +253,56 @@ def test_failed_save_leaves_no_partial_files(tmp_path, monkeypatch,
       tokenizers.SP_MODEL_NAME]
   with pytest.raises(ConfigError, match='no such tokenizer file'):
     tokenizers.load_tokenizer(tmp_path / 'b')
+
+
+# ---------------------------------------------------- existing tokenizers --
+
+
+def test_sentencepiece_model_file_is_loaded_not_trained(sp_model_file,
+                                                        sp_text, tmp_path):
+  tok = tokenizers.build_tokenizer('sentencepiece', b'ignored',
+                                   vocab_size=5000, path=sp_model_file)
+  assert tok.vocab_size == 400  # The file's, not data.vocab_size.
+  assert tok.decode(tok.encode(sp_text)) == sp_text
+  tok.save(tmp_path)
+  loaded = tokenizers.load_tokenizer(tmp_path)
+  assert loaded.fingerprint() == tok.fingerprint()
+  np.testing.assert_array_equal(loaded.encode(sp_text), tok.encode(sp_text))
+
+
+def test_hf_tokenizer_json_round_trips(hf_tokenizer_file, sp_text, tmp_path):
+  tok = tokenizers.build_tokenizer('hf', b'', path=hf_tokenizer_file)
+  assert tok.vocab_size == 320
+  ids_N = tok.encode(sp_text)
+  assert ids_N.dtype == np.int32 and len(ids_N) < 0.8 * len(sp_text)
+  assert tok.decode(ids_N) == sp_text
+  other = '  Zoë ☃ 😀\n\n\tend '  # Byte-level: anything survives.
+  assert tok.decode(tok.encode(other)) == other
+  np.testing.assert_array_equal(tok.encode_bytes(sp_text.encode()), ids_N)
+  tok.save(tmp_path)
+  assert (tmp_path / tokenizers.HF_JSON_NAME).is_file()
+  loaded = tokenizers.load_tokenizer(tmp_path)
+  assert loaded.name == 'hf' and loaded.fingerprint() == tok.fingerprint()
+  np.testing.assert_array_equal(loaded.encode(sp_text), ids_N)
+
+
+@pytest.mark.parametrize('kind, content, message', [
+    ('hf', None, 'data.tokenizer=hf needs data.tokenizer_path'),
+    ('byte', b'x', 'is for data.tokenizer=sentencepiece or hf, not byte'),
+    ('sentencepiece', b'not a model', 'is not a SentencePiece model'),
+    ('hf', b'{"nope": 1}', 'is not a Hugging Face tokenizer.json'),
+])
+def test_bad_tokenizer_path_is_one_line(tmp_path, kind, content, message):
+  path = ''
+  if content is not None:
+    path = str(tmp_path / 'tok')
+    pathlib.Path(path).write_bytes(content)
+  with pytest.raises(ConfigError, match=message) as error:
+    tokenizers.build_tokenizer(kind, b'abc', path=path)
+  _one_line(error)
+
+
+def test_missing_tokenizer_path_names_it(tmp_path):
+  with pytest.raises(ConfigError, match='no such file') as error:
+    tokenizers.build_tokenizer('hf', b'', path=str(tmp_path / 'x.json'))
+  assert 'data.tokenizer_path=' in _one_line(error)

@@ -127,6 +127,8 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, corpus):
     ('valid', {'mesh.dcn_data': 2}, 'mesh.dcn_data=2'),
     ('valid', {'data.tokenizer': 'words'}, 'tokenizer'),
     ('binary', {'data.tokenizer': 'char'}, 'UTF-8'),
+    ('valid', {'data.val_path': '/nonexistent/val.txt'}, 'data.val_path'),
+    ('valid', {'data.tokenizer': 'hf'}, 'data.tokenizer_path'),
     ('valid', {'data.seq_len': 100_000}, 'seq_len'),
     ('valid', {'data.seq_len': 0}, 'data.seq_len'),
     ('valid', {'data.val_fraction': 0.7}, 'val_fraction'),

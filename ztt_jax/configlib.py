@@ -61,12 +61,22 @@ def base_config(variant: str = 'ztt') -> ml_collections.ConfigDict:
   c.model = model_config(variant)
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = 'builtin:stdlib'  # File, directory, glob or builtin:stdlib.
-  c.data.tokenizer = 'byte'  # byte | char | sentencepiece.
-  c.data.vocab_size = 1024  # sentencepiece only.
-  c.data.sp_model_type = 'bpe'  # sentencepiece only: bpe | unigram.
+  # Text file, directory, glob (each may hold .jsonl files), builtin:stdlib,
+  # or a directory ztt-prepare wrote (token shards, read without loading).
+  c.data.path = 'builtin:stdlib'
+  c.data.tokenizer = 'byte'  # byte | char | sentencepiece | hf.
+  # An existing tokenizer to load, not train: a SentencePiece .model
+  # (sentencepiece) or a Hugging Face tokenizer.json (hf, required there).
+  # The vocabulary size then follows it.
+  c.data.tokenizer_path = ''
+  c.data.vocab_size = 1024  # sentencepiece trained here only.
+  c.data.sp_model_type = 'bpe'  # sentencepiece trained here: bpe | unigram.
   c.data.seq_len = 128  # Tokens per training sequence.
+  # Held-out validation (file, directory, glob or prepared directory); ''
+  # takes the last val_fraction of data.path instead.
+  c.data.val_path = ''
   c.data.val_fraction = 0.1  # Last fraction of the corpus (nanoGPT split).
+  c.data.jsonl_field = 'text'  # The text of each record of a .jsonl file.
   c.data.cache_dir = ''  # '': $ZTT_CACHE_DIR or ~/.cache/ztt_jax.
 
   c.train = ml_collections.ConfigDict()
@@ -314,6 +324,18 @@ def validate_data(data_config: ml_collections.ConfigDict) -> None:
   check(d.sp_model_type in tokenizers.SP_MODEL_TYPES,
         f'data.sp_model_type={d.sp_model_type!r} is unknown; use one of '
         f'{", ".join(tokenizers.SP_MODEL_TYPES)}')
+  path = d.get('tokenizer_path', '')
+  check(not path or d.tokenizer in tokenizers.FILE_KINDS,
+        f'data.tokenizer_path={path!r} is for data.tokenizer=sentencepiece '
+        f'or hf, not {d.tokenizer}; set data.tokenizer_path= (empty) or '
+        'change data.tokenizer')
+  check(bool(path) or d.tokenizer != 'hf', 'data.tokenizer=hf needs '
+        'data.tokenizer_path=PATH/tokenizer.json (a Hugging Face tokenizer '
+        'file); pass it')
+  check(isinstance(d.get('jsonl_field', 'text'), str)
+        and bool(d.get('jsonl_field', 'text')),
+        f'data.jsonl_field={d.get("jsonl_field")!r} must name the text field '
+        'of each JSONL record, e.g. data.jsonl_field=text')
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -61,6 +61,7 @@ from ztt_jax import checkpoint
 from ztt_jax import configlib
 from ztt_jax import data
 from ztt_jax import model as model_lib
+from ztt_jax import tokenizers
 from ztt_jax.errors import ConfigError, check
 
 MODEL_TYPES = ('gpt2', 'llama', 'mistral', 'qwen2')
@@ -598,13 +599,56 @@ def convert(hf_dir: str, workdir: str, variant: str = 'ztt',
     report['max_abs_logit_change_vs_head_tail_cycle'] = float(
         np.abs(np.asarray(out.logits) - htc_logits).max())
 
+  tokenizer, report['tokenizer'] = source_tokenizer(hf_dir, cfg.vocab_size)
+  if tokenizer is not None:  # Fine-tune and generate in its own vocabulary.
+    saved_as = (tokenizers.HF_JSON_NAME if tokenizer.name == 'hf'
+                else tokenizers.SP_MODEL_NAME)  # Where `save` puts it.
+    config.data.update(tokenizer=tokenizer.name,
+                       tokenizer_path=os.path.join(workdir, saved_as))
   _save(workdir, config, params)
+  if tokenizer is not None:
+    tokenizer.save(workdir)
   report['params'] = model_lib.count_params(params)
   report['checkpoint'] = checkpoint.checkpoint_dir(workdir) + '/0'
   with open(os.path.join(workdir, 'convert.json'), 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=1)
   stream.write(_summary(cfg, report) + '\n')
   return report
+
+
+# The source model's tokenizer files, and the kinds that load them.
+SOURCE_TOKENIZERS = (('tokenizer.json', 'hf'),
+                     ('tokenizer.model', 'sentencepiece'))
+
+
+def source_tokenizer(hf_dir: str, vocab_size: int
+                     ) -> tuple[tokenizers.Tokenizer | None, str]:
+  """The Hugging Face directory's own tokenizer (tokenizer.json, else a
+  SentencePiece tokenizer.model) and a note for the report; None when it
+  has none, or one with more ids than the model's vocabulary."""
+  for name, kind in SOURCE_TOKENIZERS:
+    path = os.path.join(hf_dir, name)
+    if not os.path.isfile(path):
+      continue
+    tokenizer = tokenizers.build_tokenizer(kind, b'', path=path)
+    if tokenizer.vocab_size > vocab_size:
+      return None, (f'{name} not recorded: {tokenizer.vocab_size} ids, more '
+                    f'than the model\'s {vocab_size}')
+    return tokenizer, f'{kind} ({name}, {tokenizer.vocab_size} ids)'
+  return None, 'none in the Hugging Face directory (bytes)'
+
+
+def converted_tokenizer(init_from: str) -> tuple[str, str] | None:
+  """(data.tokenizer, data.tokenizer_path) that ztt-convert recorded in
+  `init_from`, or None (no source tokenizer: bytes)."""
+  saved, _ = checkpoint.read_config(init_from)
+  data_config = saved.get('data') or {}
+  path = data_config.get('tokenizer_path', '')
+  if not path:
+    return None
+  check(os.path.isfile(path), f'{init_from}: its recorded tokenizer {path!r} '
+        'is missing; copy the converted directory whole, or convert again')
+  return data_config['tokenizer'], path
 
 
 def _rounded(x, digits: int = 5):
@@ -623,6 +667,7 @@ def _summary(cfg, report) -> str:
     lines.append(f"  zero-token mass per cycle {report['zero_attention']} "
                  f"({report['zero_init']} keys), gate {report.get('gate')}, "
                  f"on {report['calibration']}")
+  lines.append(f"  tokenizer: {report['tokenizer']}")
   if 'max_abs_logit_change_vs_head_tail_cycle' in report:
     lines.append('  max |logit change| vs the same weights without zero '
                  'tokens and gate: '

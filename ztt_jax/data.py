@@ -1,9 +1,18 @@
-"""Corpus preparation (sources → tokenizer → cached token arrays) and input.
+"""Corpus preparation (sources -> tokenizer -> token arrays) and input.
 
-`prepare` reads the text sources named by `data.path`, splits them
-contiguously into train (head) and validation (tail), builds or reloads the
-workdir's tokenizer and tokenizes both splits into a content-addressed cache
-(`cache_dir/<key>/{train,val}.bin` + `meta.json`), returning read-only memmaps.
+`prepare` gives a run its tokenizer and two token arrays, train and
+validation, from one of:
+
+* text (`data.path` a file, directory, glob, .jsonl files or
+  builtin:stdlib): read whole, split contiguously into train (head) and
+  validation (tail), tokenized into a content-addressed cache
+  (`cache_dir/<key>/{train,val}.bin` + `meta.json`) read as memmaps;
+* a directory `ztt-prepare` wrote (`shards.py`): opened without reading or
+  hashing the corpus; the validation tail is the last val_fraction of its
+  tokens.
+
+`data.val_path` (text or a prepared directory) replaces the tail by a
+held-out set; all of data.path then trains.
 
 `make_train_dataset` turns the train tokens into an infinite, seeded grain
 `MapDataset` of `{'inputs', 'targets'}` batches whose element `s` is this
@@ -13,12 +22,10 @@ process's rows of the batch for step `s`; `eval_batches` gives a fixed set of ev
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import pathlib
-import sysconfig
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -27,17 +34,17 @@ import ml_collections
 import numpy as np
 
 from ztt_jax import configlib
+from ztt_jax import shards
+from ztt_jax import sources
 from ztt_jax import tokenizers
 from ztt_jax.errors import ConfigError, check
 
-BUILTIN_STDLIB = 'builtin:stdlib'
+# Where data.path's files come from (kept here for callers of data.*).
+BUILTIN_STDLIB = sources.BUILTIN_STDLIB
+resolve_sources = sources.resolve_sources
 CACHE_ENV_VAR = 'ZTT_CACHE_DIR'
 DEFAULT_CACHE_DIR = '~/.cache/ztt_jax'
-_CACHE_FORMAT = 1
-_GLOB_CHARS = frozenset('*?[')
-_SITE_DIRS = frozenset({'site-packages', 'dist-packages'})
-_PATH_FIX = ('pass an existing text file, directory or glob, or '
-             f'{BUILTIN_STDLIB}')
+_CACHE_FORMAT = 2  # 2: uint8 tokens for vocabularies of up to 256.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +53,15 @@ class Corpus:
 
   Attributes:
     tokenizer: the tokenizer (saved in the workdir).
-    train_N: read-only token memmap of the training split (the head).
-    val_N: read-only token memmap of the validation split (the tail); an empty
-      read-only array when data.val_fraction is 0.
-    meta: the cache's meta.json contents.
-    cache_path: the cache directory holding train.bin / val.bin / meta.json.
+    train_N: read-only tokens of the training split (the head): a memmap,
+      or a `shards.TokenStream` over a prepared directory's shards.
+    val_N: read-only tokens of the validation split (the tail, or
+      data.val_path's); empty when data.val_fraction is 0 and there is no
+      data.val_path.
+    meta: the cache's meta.json contents (a prepared directory: a summary
+      of its manifest).
+    cache_path: the cache directory holding train.bin / val.bin / meta.json,
+      or the prepared directory.
   """
   tokenizer: tokenizers.Tokenizer
   train_N: np.ndarray
@@ -64,104 +75,14 @@ class _Options:
   """Validated data config values."""
   path: str
   kind: str
+  tokenizer_path: str
   vocab_size: int
   model_type: str
   val_fraction: float
+  val_path: str
+  jsonl_field: str
   seq_len: int
   cache_root: pathlib.Path
-
-
-# ----------------------------------------------------------------- sources --
-
-
-def _directory_files(root: pathlib.Path) -> list[pathlib.Path]:
-  """All regular non-hidden files under `root`, sorted by relative path."""
-  found = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-    for name in filenames:
-      path = pathlib.Path(dirpath, name)
-      if not name.startswith('.') and path.is_file():
-        found.append(path)
-  return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _stdlib_files() -> list[pathlib.Path]:
-  """The running Python's standard-library .py files (no site-packages)."""
-  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  check(root.is_dir(), f'data.path={BUILTIN_STDLIB}: the stdlib directory '
-        f'{str(root)!r} does not exist; pass a text file, directory or glob')
-  found = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in _SITE_DIRS)
-    for name in filenames:
-      path = pathlib.Path(dirpath, name)
-      if name.endswith('.py') and path.is_file():
-        found.append(path)
-  return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _glob_files(pattern: str) -> list[pathlib.Path]:
-  matches = glob.glob(pattern, recursive=True)
-  return sorted(pathlib.Path(m) for m in matches if os.path.isfile(m))
-
-
-def resolve_sources(path: str) -> list[pathlib.Path]:
-  """The files named by `data.path`, in the order they are concatenated.
-
-  Args:
-    path: a text file; a directory (all regular files below it, recursively,
-      skipping hidden files and directories); a glob pattern; or
-      'builtin:stdlib' (the running Python's standard-library .py files).
-
-  Returns:
-    The sorted list of files.
-
-  Raises:
-    ConfigError: the path does not exist, matches nothing or is empty.
-  """
-  check(isinstance(path, str) and bool(path),
-        f'data.path={path!r}: empty or not a string; {_PATH_FIX}')
-  if path == BUILTIN_STDLIB:
-    files = _stdlib_files()
-  elif _GLOB_CHARS & set(path):
-    files = _glob_files(os.path.expanduser(path))
-    check(bool(files), f'data.path={path!r}: the glob matches no files; '
-          f'{_PATH_FIX}')
-  else:
-    source = pathlib.Path(path).expanduser()
-    check(source.exists(), f'data.path={path!r}: no such file; {_PATH_FIX}')
-    files = _directory_files(source) if source.is_dir() else [source]
-    check(bool(files), f'data.path={path!r}: the directory has no '
-          f'(non-hidden) files; {_PATH_FIX}')
-  check(bool(files), f'data.path={path!r}: no files found; {_PATH_FIX}')
-  return files
-
-
-def _read_sources(path: str,
-                  sources: Sequence[pathlib.Path]) -> list[bytes]:
-  blobs = []
-  for source in sources:
-    try:
-      blobs.append(source.read_bytes())
-    except OSError as e:
-      raise ConfigError(f'data.path={path!r}: cannot read {str(source)!r} '
-                        f'({e.strerror}); fix its permissions or '
-                        'exclude it') from None
-  return blobs
-
-
-def _check_utf8(sources: Sequence[pathlib.Path],
-                blobs: Sequence[bytes]) -> None:
-  """ConfigError naming the file and byte offset of the first non-UTF-8."""
-  for source, blob in zip(sources, blobs):
-    try:
-      blob.decode('utf-8')
-    except UnicodeDecodeError as e:
-      raise ConfigError(
-          f'data: {str(source)!r} byte 0x{blob[e.start]:02x} at offset '
-          f'{e.start} is not valid UTF-8 and the char tokenizer needs UTF-8 '
-          'text; use data.tokenizer=byte (or sentencepiece)') from None
 
 
 # ------------------------------------------------------------------ config --
@@ -180,8 +101,13 @@ def _options(data_config) -> _Options:
   configlib.validate_data(data_config)
   d = data_config
   return _Options(
-      path=d.path, kind=d.tokenizer, vocab_size=d.vocab_size,
-      model_type=d.sp_model_type, val_fraction=float(d.val_fraction),
+      path=d.path, kind=d.tokenizer,
+      tokenizer_path=os.path.expanduser(d.get('tokenizer_path', '')),
+      vocab_size=d.vocab_size,
+      model_type=d.sp_model_type,
+      # A held-out set replaces the tail: all of data.path trains.
+      val_fraction=0.0 if d.get('val_path', '') else float(d.val_fraction),
+      val_path=d.get('val_path', ''), jsonl_field=d.get('jsonl_field', 'text'),
       seq_len=d.seq_len, cache_root=_cache_root(d))
 
 
@@ -223,13 +149,22 @@ def _workdir_tokenizer(options: _Options, workdir: pathlib.Path,
   """Loads the workdir's tokenizer, or builds one; returns (it, is_new)."""
   if not (workdir / tokenizers.JSON_NAME).exists():
     tokenizer = tokenizers.build_tokenizer(
-        options.kind, train_bytes, options.vocab_size, options.model_type)
+        options.kind, train_bytes, options.vocab_size, options.model_type,
+        options.tokenizer_path)
     return tokenizer, True
   tokenizer = tokenizers.load_tokenizer(workdir)
   check(tokenizer.name == options.kind,
         f'data.tokenizer={options.kind!r} but {str(workdir)!r} holds a '
         f'{tokenizer.name!r} tokenizer; set data.tokenizer={tokenizer.name} '
         'to resume, or use a fresh workdir')
+  if options.tokenizer_path:
+    given = tokenizers.build_tokenizer(options.kind, b'', path=options
+                                       .tokenizer_path)
+    check(given.fingerprint() == tokenizer.fingerprint(),
+          f'data.tokenizer_path={options.tokenizer_path!r} differs from the '
+          f'tokenizer {str(workdir)!r} was trained with; pass that one to '
+          'resume, or use a fresh workdir')
+    return tokenizer, False
   check(options.kind != 'sentencepiece' or
         tokenizer.vocab_size == options.vocab_size,
         f'data.vocab_size={options.vocab_size} but {str(workdir)!r} holds a '
@@ -239,20 +174,18 @@ def _workdir_tokenizer(options: _Options, workdir: pathlib.Path,
   return tokenizer, False
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-  """uint16 when every id fits, else uint32."""
-  return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+token_dtype = shards.token_dtype  # The smallest that holds the vocabulary.
 
 
 # ------------------------------------------------------------------- cache --
 
 
-def _cache_key(sources_sha256: str, sources: Sequence[pathlib.Path],
+def _cache_key(sources_sha256: str, files: Sequence[pathlib.Path],
                tokenizer: tokenizers.Tokenizer, val_fraction: float) -> str:
   payload = {
       'format': _CACHE_FORMAT,
       'sources_sha256': sources_sha256,
-      'paths': [str(p.resolve()) for p in sources],
+      'paths': [str(p.resolve()) for p in files],
       'tokenizer': tokenizer.name,
       'tokenizer_sha256': tokenizer.fingerprint(),
       'val_fraction': val_fraction,
@@ -308,6 +241,90 @@ def _check_lengths(options: _Options, n_train: int, n_val: int) -> None:
         'data.val_fraction=0 to skip evaluation')
 
 
+# ---------------------------------------------------------------- held out --
+
+
+def _held_out_text(options: _Options) -> bytes | None:
+  """data.val_path's text when it names text (None: unset or prepared)."""
+  if not options.val_path or shards.is_prepared(options.val_path):
+    return None
+  files = sources.resolve_sources(options.val_path, 'data.val_path')
+  text = sources.read_corpus(files, options.jsonl_field, 'data.val_path')
+  check(len(text) > 0, f'data.val_path={options.val_path!r}: the validation '
+        'text is empty; pass a file with some text in it')
+  return text
+
+
+def _held_out_tokens(options: _Options, tokenizer: tokenizers.Tokenizer,
+                     text: bytes | None):
+  """data.val_path's tokens (None when unset): `text` tokenized in memory
+  (validation sets are small), or a prepared directory's tokens."""
+  if not options.val_path:
+    return None
+  if text is None:
+    prepared = shards.open_prepared(options.val_path, 'data.val_path')
+    check(prepared.manifest['tokenizer_sha256'] == tokenizer.fingerprint(),
+          f'data.val_path={options.val_path!r} was prepared with another '
+          f'tokenizer ({prepared.tokenizer.name}) than this run\'s '
+          f'({tokenizer.name}); prepare it with the run\'s data settings')
+    tokens_N = prepared.tokens_N
+  else:
+    tokens_N = np.asarray(tokenizer.encode_bytes(text),
+                          dtype=token_dtype(tokenizer.vocab_size))
+    tokens_N.flags.writeable = False
+  need = options.seq_len + 1
+  check(len(tokens_N) >= need,
+        f'data.val_path={options.val_path!r} has {len(tokens_N)} tokens but '
+        f'data.seq_len={options.seq_len} needs at least {need}; use a longer '
+        'validation set or a smaller data.seq_len')
+  return tokens_N
+
+
+# ---------------------------------------------------------------- prepared --
+
+
+def _prepare_from_shards(options: _Options, workdir: pathlib.Path,
+                         write: bool) -> Corpus:
+  """The Corpus of a ztt-prepare directory: reads its manifest and
+  tokenizer, stats its shards; no token is read here."""
+  prepared = shards.open_prepared(options.path)
+  tokenizer = prepared.tokenizer
+  check(tokenizer.name == options.kind,
+        f'data.path={options.path!r} was prepared with the '
+        f'{tokenizer.name} tokenizer but data.tokenizer={options.kind}; set '
+        f'--config.data.tokenizer={tokenizer.name}')
+  saved = workdir / tokenizers.JSON_NAME
+  if saved.exists():
+    check(tokenizers.load_tokenizer(workdir).fingerprint() ==
+          tokenizer.fingerprint(),
+          f'{str(workdir)!r} holds another tokenizer than data.path='
+          f'{options.path!r}; resume with the data it was trained on, or use '
+          'a fresh workdir')
+  else:
+    check(write, f'{str(workdir)!r} has no {tokenizers.JSON_NAME} although '
+          'process 0 prepared the corpus; the workdir must be one directory '
+          'every process sees')
+  held_out = _held_out_tokens(options, tokenizer, _held_out_text(options))
+  tokens_N = prepared.tokens_N
+  n_train = int(len(tokens_N) * (1.0 - options.val_fraction))
+  train_N, val_N = tokens_N[:n_train], tokens_N[n_train:]
+  _check_lengths(options, len(train_N), len(val_N))
+  if held_out is not None:
+    val_N = held_out
+  manifest = prepared.manifest
+  meta = {
+      'path': options.path, 'prepared': True, 'tokenizer': tokenizer.name,
+      'vocab_size': tokenizer.vocab_size, 'dtype': manifest['dtype'],
+      'n_train_tokens': len(train_N), 'n_val_tokens': len(val_N),
+      'n_sources': manifest['n_sources'], 'n_shards': len(manifest['shards']),
+      'val_fraction': options.val_fraction, 'val_path': options.val_path,
+  }
+  if write and not saved.exists():
+    tokenizer.save(workdir)
+  return Corpus(tokenizer=tokenizer, train_N=train_N, val_N=val_N,
+                meta=meta, cache_path=prepared.path)
+
+
 # ----------------------------------------------------------------- prepare --
 
 
@@ -318,8 +335,9 @@ def prepare(data_config: ml_collections.ConfigDict,
   Nothing is written (workdir, tokenizer, cache) unless every check passes.
 
   Args:
-    data_config: the `data` ConfigDict (path, tokenizer, vocab_size,
-      sp_model_type, val_fraction, seq_len, cache_dir).
+    data_config: the `data` ConfigDict (path, tokenizer, tokenizer_path,
+      vocab_size, sp_model_type, val_fraction, val_path, jsonl_field,
+      seq_len, cache_dir).
     workdir: the run directory; holds tokenizer.json (reused when present).
     write: False: only read (the processes other than 0 of a multi-process
       run, see multihost.prepare_corpus): the workdir's tokenizer.json must
@@ -333,22 +351,35 @@ def prepare(data_config: ml_collections.ConfigDict,
   """
   options = _options(data_config)
   workdir = pathlib.Path(workdir).expanduser()
-  sources = resolve_sources(options.path)
-  blobs = _read_sources(options.path, sources)
-  corpus = b'\n'.join(blobs)
+  if shards.is_prepared(options.path):
+    return _prepare_from_shards(options, workdir, write)
+  files = sources.resolve_sources(options.path)
+  blobs = sources.read_documents(files, options.jsonl_field)
+  corpus = sources.SEPARATOR.join(blobs)
   check(len(corpus) > 0, f'data.path={options.path!r}: the corpus is empty '
-        f'(0 bytes); {_PATH_FIX} with some text in it')
+        '(0 bytes); pass a text file, directory or glob with some text in it')
   if options.kind == 'char':
-    _check_utf8(sources, blobs)
+    sources.check_utf8(files, blobs)
   del blobs
+  held_out_text = _held_out_text(options)
   offset = split_offset(corpus, options.kind, options.val_fraction)
   check(write or (workdir / tokenizers.JSON_NAME).exists(),
         f'{str(workdir)!r} has no {tokenizers.JSON_NAME} although process 0 '
         'prepared the corpus; the workdir must be one directory every '
         'process sees')
-  tokenizer, is_new = _workdir_tokenizer(options, workdir, corpus[:offset])
+  # char: every character of the corpus (nanoGPT) and of a held-out text,
+  # so one first seen in the validation set is no error; sentencepiece
+  # learns from the training split.
+  if options.kind == 'char':
+    learn_from = corpus if held_out_text is None else (
+        corpus + sources.SEPARATOR + held_out_text)
+  else:
+    learn_from = corpus[:offset]
+  tokenizer, is_new = _workdir_tokenizer(options, workdir, learn_from)
+  del learn_from
+  held_out = _held_out_tokens(options, tokenizer, held_out_text)
   sources_sha256 = hashlib.sha256(corpus).hexdigest()
-  key = _cache_key(sources_sha256, sources, tokenizer, options.val_fraction)
+  key = _cache_key(sources_sha256, files, tokenizer, options.val_fraction)
   cache_path = options.cache_root / key
   meta = _cached_meta(cache_path, key)
   if meta is None:
@@ -359,7 +390,7 @@ def prepare(data_config: ml_collections.ConfigDict,
         'vocab_size': tokenizer.vocab_size,
         'n_train_tokens': int(train_N.size), 'n_val_tokens': int(val_N.size),
         'n_train_bytes': offset, 'n_val_bytes': len(corpus) - offset,
-        'sources_sha256': sources_sha256, 'n_sources': len(sources),
+        'sources_sha256': sources_sha256, 'n_sources': len(files),
         'val_fraction': options.val_fraction,
         'dtype': token_dtype(tokenizer.vocab_size).name,
     }
@@ -368,8 +399,8 @@ def prepare(data_config: ml_collections.ConfigDict,
     if not write:  # In memory, as the cache would hold them.
       return Corpus(tokenizer=tokenizer,
                     train_N=np.asarray(train_N, dtype=dtype),
-                    val_N=np.asarray(val_N, dtype=dtype), meta=meta,
-                    cache_path=cache_path)
+                    val_N=(np.asarray(val_N, dtype=dtype) if held_out is None
+                           else held_out), meta=meta, cache_path=cache_path)
     if is_new:
       tokenizer.save(workdir)
     _write_cache(cache_path, meta, train_N, val_N)
@@ -378,11 +409,12 @@ def prepare(data_config: ml_collections.ConfigDict,
     if is_new:
       tokenizer.save(workdir)
   dtype = np.dtype(meta['dtype'])
+  val_N = _open_tokens(cache_path / 'val.bin', dtype, meta['n_val_tokens'])
   return Corpus(
       tokenizer=tokenizer,
       train_N=_open_tokens(cache_path / 'train.bin', dtype,
                            meta['n_train_tokens']),
-      val_N=_open_tokens(cache_path / 'val.bin', dtype, meta['n_val_tokens']),
+      val_N=val_N if held_out is None else held_out,
       meta=meta, cache_path=cache_path)
 
 

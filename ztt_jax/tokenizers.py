@@ -1,10 +1,12 @@
-"""Tokenizers: byte, char (nanoGPT style) and a locally trained SentencePiece.
+"""Tokenizers: byte, char (nanoGPT style), SentencePiece (trained here or an
+existing `.model`) and an existing Hugging Face `tokenizer.json` (hf).
 
-All three share one interface (`Tokenizer`): `encode(text)` / `decode(ids)`
+All share one interface (`Tokenizer`): `encode(text)` / `decode(ids)`
 for prompts and samples, `encode_bytes(data)` for whole corpora, and
 `save(directory)` / `load_tokenizer(directory)` so that a resumed run keeps
-exactly the same ids. Every saved tokenizer writes `tokenizer.json` (with a
-"type" field); SentencePiece also writes its model as `tokenizer.model`.
+exactly the same ids. Every saved tokenizer writes `tokenizer.json` (ours,
+with a "type" field); SentencePiece also writes its model as
+`tokenizer.model`, hf the Hugging Face file as `hf_tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from ztt_jax.errors import ConfigError, check
 
 JSON_NAME = 'tokenizer.json'
 SP_MODEL_NAME = 'tokenizer.model'
-KINDS = ('byte', 'char', 'sentencepiece')
+HF_JSON_NAME = 'hf_tokenizer.json'
+KINDS = ('byte', 'char', 'sentencepiece', 'hf')
+# The kinds data.tokenizer_path can load from a file (hf only from one).
+FILE_KINDS = ('sentencepiece', 'hf')
 SP_MODEL_TYPES = ('bpe', 'unigram')
 # Chunk size (in characters) for batched SentencePiece encoding of corpora.
 _SP_CHUNK_CHARS = 1 << 16
@@ -135,7 +140,8 @@ def _code_points(text: str) -> np.ndarray:
 
 
 class CharTokenizer(Tokenizer):
-  """One id per character; the vocabulary is the sorted training characters."""
+  """One id per character; the vocabulary is the sorted characters of the
+  whole corpus (training and validation text, as nanoGPT builds it)."""
 
   name = 'char'
 
@@ -178,8 +184,9 @@ class CharTokenizer(Tokenizer):
       index = int(bad_N[0])
       raise ConfigError(
           f'char tokenizer: character {text[index]!r} (position {index}) is '
-          'not in the vocabulary, which comes from the training split; remove '
-          'it from the text or use data.tokenizer=byte or sentencepiece')
+          'not in the vocabulary, which comes from the training corpus; '
+          'remove it from the text or use data.tokenizer=byte or '
+          'sentencepiece')
     return ids_N.astype(np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -260,6 +267,17 @@ class SentencePieceTokenizer(Tokenizer):
                         f'{JSON_NAME} to retrain') from None
 
   @classmethod
+  def from_file(cls, path: str | os.PathLike[str]) -> SentencePieceTokenizer:
+    """Loads an existing SentencePiece `.model` file (not trained here)."""
+    model_bytes = _read_file(path, 'a SentencePiece .model file')
+    try:
+      return cls(model_bytes, model_type='file')
+    except ConfigError:
+      raise ConfigError(f'data.tokenizer_path={str(path)!r} is not a '
+                        'SentencePiece model; pass a .model file, or use '
+                        'data.tokenizer=hf for a tokenizer.json') from None
+
+  @classmethod
   def train(cls, text: str, vocab_size: int,
             model_type: str = 'bpe') -> SentencePieceTokenizer:
     """Trains a model on `text` (deterministic for the same inputs)."""
@@ -297,6 +315,73 @@ class SentencePieceTokenizer(Tokenizer):
     return {SP_MODEL_NAME: self.model_bytes, JSON_NAME: _json_bytes(meta)}
 
 
+def _read_file(path: str | os.PathLike[str], what: str) -> bytes:
+  """The bytes of data.tokenizer_path; ConfigError if it is not a file."""
+  path = pathlib.Path(path).expanduser()
+  check(path.is_file(), f'data.tokenizer_path={str(path)!r}: no such file; '
+        f'pass {what}')
+  try:
+    return path.read_bytes()
+  except OSError as e:
+    raise ConfigError(f'data.tokenizer_path={str(path)!r}: cannot read it '
+                      f'({e.strerror}); fix its permissions') from None
+
+
+class HFTokenizer(Tokenizer):
+  """An existing Hugging Face `tokenizer.json` (the `tokenizers` library):
+  ids as the source model has them, no special tokens added."""
+
+  name = 'hf'
+
+  def __init__(self, json_bytes: bytes, what: str = HF_JSON_NAME):
+    import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+    self.json_bytes = json_bytes
+    try:
+      self._tok = hf_tokenizers.Tokenizer.from_str(json_bytes.decode('utf-8'))
+    except Exception as e:  # pylint: disable=broad-except
+      first = ' '.join(str(e).split())[:120]
+      raise ConfigError(f'{what} is not a Hugging Face tokenizer.json '
+                        f'({first}); pass the tokenizer.json of a '
+                        'tokenizers / transformers model') from None
+    # Ids may leave gaps: the size is one past the largest.
+    self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True)
+                           .values(), default=-1) + 1
+    check(self._vocab_size > 0, f'{what} has an empty vocabulary; pass the '
+          'tokenizer.json of a trained tokenizer')
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike[str]) -> HFTokenizer:
+    """Loads a Hugging Face `tokenizer.json`."""
+    return cls(_read_file(path, 'a Hugging Face tokenizer.json'),
+               f'data.tokenizer_path={str(path)!r}')
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  def encode(self, text: str) -> np.ndarray:
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    return np.asarray(ids, dtype=np.int32)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(),
+                            skip_special_tokens=False)
+
+  def encode_bytes(self, data: bytes) -> np.ndarray:
+    text = data.decode('utf-8', errors='replace')
+    chunks = list(_line_chunks(text, _SP_CHUNK_CHARS))
+    if not chunks:
+      return np.zeros(0, dtype=np.int32)
+    encodings = self._tok.encode_batch(chunks, add_special_tokens=False)
+    return np.concatenate([np.asarray(e.ids, dtype=np.int32)
+                           for e in encodings])
+
+  def files(self) -> dict[str, bytes]:
+    meta = {'type': self.name, 'vocab_size': self.vocab_size,
+            'model_file': HF_JSON_NAME}
+    return {HF_JSON_NAME: self.json_bytes, JSON_NAME: _json_bytes(meta)}
+
+
 def _line_chunks(text: str, chunk_chars: int) -> Iterator[str]:
   """Splits `text` after newlines into chunks of about `chunk_chars`."""
   start = 0
@@ -309,24 +394,39 @@ def _line_chunks(text: str, chunk_chars: int) -> Iterator[str]:
 
 def build_tokenizer(kind: str, train_bytes: bytes,
                     vocab_size: int | None = None,
-                    model_type: str = 'bpe') -> Tokenizer:
-  """Builds a tokenizer of `kind` from the training split's bytes.
+                    model_type: str = 'bpe', path: str = '') -> Tokenizer:
+  """Builds a tokenizer of `kind` from the corpus bytes, or loads `path`.
 
   Args:
-    kind: 'byte', 'char' or 'sentencepiece'.
-    train_bytes: the training text (UTF-8 for char; any bytes otherwise).
+    kind: 'byte', 'char', 'sentencepiece' or 'hf'.
+    train_bytes: the text it learns from: the whole corpus for char (every
+      character of train and validation), the training split for
+      sentencepiece; unused when `path` is given.
     vocab_size: SentencePiece vocabulary size (default 1024); ignored else.
     model_type: SentencePiece model type, 'bpe' or 'unigram'.
+    path: data.tokenizer_path: an existing SentencePiece `.model` or Hugging
+      Face `tokenizer.json` to load instead of training one (hf needs it).
 
   Returns:
     The tokenizer (not yet saved).
   """
   check(kind in KINDS, f'data.tokenizer={kind!r} is unknown; use one of '
         f'{", ".join(KINDS)}')
+  check(not path or kind in FILE_KINDS,
+        f'data.tokenizer_path={path!r} is for data.tokenizer=sentencepiece '
+        f'or hf, not {kind}; set data.tokenizer_path= (empty) or change '
+        'data.tokenizer')
+  check(bool(path) or kind != 'hf', 'data.tokenizer=hf needs '
+        'data.tokenizer_path=PATH/tokenizer.json (a Hugging Face tokenizer '
+        'file); pass it')
   if kind == 'byte':
     return ByteTokenizer()
   if kind == 'char':
     return CharTokenizer.from_text(decode_utf8(train_bytes))
+  if kind == 'hf':
+    return HFTokenizer.from_file(path)
+  if path:
+    return SentencePieceTokenizer.from_file(path)
   text = train_bytes.decode('utf-8', errors='replace')
   return SentencePieceTokenizer.train(
       text, 1024 if vocab_size is None else vocab_size, model_type)
@@ -363,9 +463,12 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
           f'{path}: char tokenizer without a "chars" list; delete it to '
           'rebuild the tokenizer')
     return CharTokenizer(chars)
-  model_path = pathlib.Path(directory) / meta.get('model_file', SP_MODEL_NAME)
+  default = HF_JSON_NAME if kind == 'hf' else SP_MODEL_NAME
+  model_path = pathlib.Path(directory) / meta.get('model_file', default)
   check(model_path.is_file(),
-        f'{model_path}: sentencepiece model missing next to {path}; delete '
-        f'{path} to retrain the tokenizer, or restore the model file')
+        f'{model_path}: {kind} model missing next to {path}; delete '
+        f'{path} to rebuild the tokenizer, or restore the model file')
+  if kind == 'hf':
+    return HFTokenizer(model_path.read_bytes(), str(model_path))
   return SentencePieceTokenizer(model_path.read_bytes(),
                                 meta.get('model_type', 'bpe'))

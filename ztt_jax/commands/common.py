@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import glob
+import importlib.util
 import os
 import sys
 import typing
@@ -34,6 +36,10 @@ CONFIG_FILE = 'file'  # Of the config file named by --config.
 SAVED_CONFIG = 'saved'  # Of the config saved in --workdir's checkpoint.
 
 _METAVARS = {int: 'N', float: 'X', str: 'TEXT', bool: 'BOOL'}
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_GVNIC_PCI_DEVICE = '0x0042'  # Google's virtual NIC: not a TPU.
+_NVIDIA_DEVICES = ('dev/nvidia0', 'dev/nvidiactl', 'dev/dxg')
+_CUDA_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin')
 
 
 def _boolean(text: str) -> bool:
@@ -208,9 +214,52 @@ def parse(options_type: type[T], argv: Sequence[str] | None, prog: str,
   return options_type(**vars(args)), config_overrides
 
 
+def _tpu_attached(root: str) -> bool:
+  """Whether this host may have a TPU: a TPU device file, or a Google PCI
+  device other than its virtual NIC (new TPU generations included)."""
+  if (glob.glob(os.path.join(root, 'dev/accel[0-9]*'))
+      or glob.glob(os.path.join(root, 'dev/vfio/[0-9]*'))):
+    return True
+  for vendor in glob.glob(os.path.join(root, 'sys/bus/pci/devices/*/vendor')):
+    try:
+      with open(vendor, encoding='ascii') as f:
+        if f.read().strip() != _GOOGLE_PCI_VENDOR:
+          continue
+      with open(os.path.join(os.path.dirname(vendor), 'device'),
+                encoding='ascii') as f:
+        if f.read().strip() != _GVNIC_PCI_DEVICE:
+          return True
+    except OSError:
+      return True  # Unreadable: assume a TPU, change nothing.
+  return False
+
+
+def default_jax_platforms(environ=os.environ, root: str = '/') -> str:
+  """Sets JAX_PLATFORMS in `environ` to the platforms this host has when
+  libtpu is installed but no TPU is attached; returns what it set ('' for
+  nothing).
+
+  JAX otherwise starts libtpu on every host it is installed on (the dev
+  extra brings it, for ztt-compile), and libtpu prints errors before the
+  command's own output when it finds no TPU or another process holds it.
+  A JAX_PLATFORMS already set is kept; on a TPU host nothing changes.
+  Call it before jax is imported.
+  """
+  if environ.get('JAX_PLATFORMS') or importlib.util.find_spec(
+      'libtpu') is None or _tpu_attached(root):
+    return ''
+  gpu = any(os.path.exists(os.path.join(root, d)) for d in _NVIDIA_DEVICES)
+  cuda = gpu and any(importlib.util.find_spec(m) for m in _CUDA_PLUGINS)
+  environ['JAX_PLATFORMS'] = 'cuda,cpu' if cuda else 'cpu'
+  return environ['JAX_PLATFORMS']
+
+
 def run(prog: str, fn: Callable[[], T]) -> T:
   """`fn()`, with quiet logs; a ConfigError becomes `prog: error: ...` on
-  stderr and exit status 2."""
+  stderr and exit status 2. JAX_PLATFORMS defaults to this host's
+  platforms (see `default_jax_platforms`)."""
+  if 'jax' not in sys.modules:  # Read when jax is imported.
+    default_jax_platforms()
   absl_flags.FLAGS.mark_as_parsed()  # Libraries may read absl flags.
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
   try:
