@@ -1,4 +1,4 @@
-"""Runs ztt-bench for the RESULTS.md speed table; saves each JSON.
+"""Runs ztt-bench for docs/results/shakespeare.md's speed table; saves JSON.
 
     python experiments/bench.py
 

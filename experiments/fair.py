@@ -86,8 +86,26 @@ EARLY_EXIT = {
     'htc_c4_exit': ('kl',), 'bc_c4_exit': ('kl',),
     'ztt_c2_exit': ('zero_weight', 'zero_margin', 'kl'),
     **{r.name: ('zero_weight', 'kl') for r in ABLATIONS},
+    # The one reading whose gates stay open with exit heads: every statistic.
+    'abl_gate_scalar': ('zero_attention', 'zero_weight', 'zero_margin', 'kl'),
 }
 EARLY_EXIT_RUNS = tuple(EARLY_EXIT)
+
+# ZTT's readings pinned to those the grid started with, so that a change
+# of the package defaults (model.gate, zero_pool) never reaches later seeds.
+_PINNED = (('model.zero_pool', 'cycle_layer'), ('model.gate', 'token'))
+
+
+def _pinned(run: Run) -> Run:
+  if dict(run.overrides).get('model.variant') != 'ztt':
+    return run
+  given = {k for k, _ in run.overrides}
+  return Run(run.name, run.group, run.label, run.overrides + tuple(
+      (k, v) for k, v in _PINNED if k not in given))
+
+
+MAIN = [_pinned(r) for r in MAIN]
+ABLATIONS = [_pinned(r) for r in ABLATIONS]
 
 SEEDS = (0, 1, 2)
 ABLATION_SEEDS = (0,)

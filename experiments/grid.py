@@ -1,4 +1,4 @@
-"""The runs behind docs/RESULTS.md: names, config overrides, seeds.
+"""The first grid (docs/results/shakespeare.md): names, overrides, seeds.
 
 Every run starts from `configs/shakespeare_char.py` (nanoGPT's
 shakespeare_char CPU budget: char tokens, context 64, batch 12, 2000 steps,

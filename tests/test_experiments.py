@@ -220,3 +220,17 @@ def test_data_bench_measures_both_paths_at_a_tiny_size(tmp_path, monkeypatch):
       (2 << 20) + 1)  # The files and the newline between them.
   assert all(r['seconds'] > 0 and r['rss_mb'] > 0
              for r in (first, prepared, start))
+
+
+def test_fair_ztt_runs_pin_their_readings():
+  """A later change of the package's 'auto' defaults cannot reach the
+  grid's remaining seeds: every ZTT run names its pool and gate."""
+  for run in fair.MAIN + fair.ABLATIONS:
+    given = dict(run.overrides)
+    if given['model.variant'] == 'ztt':
+      assert given['model.zero_pool'] == 'cycle_layer', run.name
+      assert given['model.gate'] in ('token', 'scalar', 'none'), run.name
+    else:
+      assert 'model.gate' not in given, run.name
+  assert dict(fair.by_name('abl_gate_scalar').overrides)['model.gate'] == (
+      'scalar')
