@@ -343,6 +343,8 @@ def write_report(out: str, docs: str, summary_path: str) -> str:
   plot_seeds(summ, os.path.join(fig_dir, 'fair_seeds.png'))
   plot_early_exit(out, 'ztt_c4_exit', fair.EARLY_EXIT['ztt_c4_exit'],
                   os.path.join(fig_dir, 'fair_early_exit.png'))
+  plot_early_exit(out, 'abl_gate_scalar', fair.EARLY_EXIT['abl_gate_scalar'],
+                  os.path.join(fig_dir, 'fair_early_exit_scalar_gate.png'))
   n_done = sum(len(r['seeds']) for r in summ['runs'])
   n_all = len(fair.schedule())
   notes = ''
@@ -425,6 +427,10 @@ Fixed depths (the same {fair.EVAL_BATCHES} batches):
 {early_exit_table(summ)}
 
 ![early exit on ZTT C=4 with exit heads](results/fair_early_exit.png)
+
+The same with a scalar gate (`abl_gate_scalar`, whose gates stay open):
+
+![early exit with a scalar gate](results/fair_early_exit_scalar_gate.png)
 
 Where in the window each rule exits (`ztt_c4_exit`, seed 0; mean cycles per
 token by position, each rule at its threshold nearest to 2 mean cycles):
