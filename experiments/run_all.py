@@ -160,6 +160,10 @@ def main() -> None:
   ablation_seeds = [int(s) for s in (args.ablation_seeds or ','.join(
       map(str, study.ABLATION_SEEDS))).split(',') if s]
   names = set(args.only.split(',')) if args.only else None
+  # The report and the early-exit sweeps cover every seed of the study,
+  # whichever this invocation trains.
+  report_seeds = sorted(set(study.SEEDS) | set(seeds))
+  report_ablation_seeds = sorted(set(report_seeds) | set(ablation_seeds))
   if not args.report_only:
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(
@@ -175,7 +179,7 @@ def main() -> None:
     failures = run_jobs(todo, args.jobs, env)
     evals = []
     for name, criterion in early_exit_sweeps(study):
-      path = workdir(out, name, seeds[0])
+      path = workdir(out, name, report_seeds[0])
       stem = eval_name(criterion)
       if (finished(path, steps) and not os.path.exists(
           os.path.join(path, 'eval', stem + '.json'))):
@@ -193,7 +197,8 @@ def main() -> None:
   else:
     import summary  # pylint: disable=g-import-not-at-top
     path = os.path.join(REPO, 'docs', 'results', 'summary.json')
-    summary.write_summary(study, out, steps, seeds, ablation_seeds, path)
+    summary.write_summary(study, out, steps, report_seeds,
+                          report_ablation_seeds, path)
     print(f'wrote {path}', flush=True)
     import fair_report  # pylint: disable=g-import-not-at-top
     fair_report.write_report(out, os.path.join(REPO, 'docs'), path)
