@@ -167,7 +167,7 @@ def process_commands(args, devices_per_process=1) -> list[list[str]]:
   return [shlex.split(line) for line in listing.stdout.splitlines()]
 
 
-def single_process_losses(config, tmp_path, steps, state=None):
+def single_process_losses(config, tmp_path, steps):
   """Losses of steps 1..`steps` of one process on one device (the train
   step of train.train, without its eval and checkpoints)."""
   setup = train.Setup(config, str(tmp_path / 'single'),
