@@ -18,6 +18,20 @@ jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
+def pytest_collection_modifyitems(items):
+  """Runs the `slow` tier first, longest first (`@pytest.mark.slow(s)`,
+  with s a rough duration in seconds on 2 cores). Under `pytest -n 2`
+  xdist hands the first tests out one at a time, alternating between the
+  workers, so the long end-to-end runs are spread over both workers at the
+  start instead of leaving one worker alone with them at the end."""
+  def rank(item):
+    mark = item.get_closest_marker('slow')
+    if mark is None:
+      return 0.0
+    return -float(mark.args[0]) if mark.args else -1.0
+  items.sort(key=rank)  # Stable: the rest keep their collected order.
+
+
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory) -> str:
   """Real text that is on every machine: a few standard-library modules."""

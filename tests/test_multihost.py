@@ -66,6 +66,7 @@ def losses(path) -> list[float]:
   return [r['loss'] for r in rows]
 
 
+@pytest.mark.slow(55)
 def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   workdir = tmp_path / 'run'
   driver = tmp_path / 'driver.py'
@@ -187,6 +188,7 @@ def single_process_losses(config, tmp_path, steps):
   return result
 
 
+@pytest.mark.slow(90)
 def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
   """SIGTERM to process 1 only: JAX's preemption sync manager tells
   process 0 too, both save one checkpoint at the same step and exit 143,
@@ -346,6 +348,7 @@ def run_rows_driver(tmp_path, num_processes, devices_per_process, meshes):
   return {name: [r[name] for r in reports] for name in meshes}
 
 
+@pytest.mark.slow(15)
 def test_rows_follow_the_batch_sharding_across_processes(tmp_path):
   """Four processes of one CPU device each. Where the tensor axis spans
   processes, the processes holding one data shard read the same rows;
@@ -376,6 +379,7 @@ def test_rows_follow_the_batch_sharding_across_processes(tmp_path):
         'mesh.dcn_data=4'), report
 
 
+@pytest.mark.slow(15)
 def test_dcn_across_two_processes_with_two_devices_each(tmp_path):
   """mesh.dcn_data=2 over two processes of two CPU devices: each process is
   one granule, laid out (data=1, fsdp=1, tensor=2) inside, and the two are

@@ -66,6 +66,7 @@ def test_tiny_config_trains_on_shakespeare(tmp_path):
   assert [r['fixed_cycles'] for r in summary['early_exit'][:3]] == [1, 2, 3]
 
 
+@pytest.mark.slow(20)
 def test_resume_gives_the_same_losses(tmp_path, corpus):
   config = small_config(corpus)
   train.train(config, str(tmp_path / 'straight'))
