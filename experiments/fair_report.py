@@ -335,6 +335,21 @@ def plot_early_exit(out: str, name: str, criteria, path: str) -> None:
 # ----------------------------------------------------------------- report --
 
 
+def wall_hours(out: str) -> tuple[int, float]:
+  """(number of runs that recorded wall time, their hours summed) over the
+  training runs of `out` (run_all.py writes NAME/seedS.wall, one line per
+  attempt)."""
+  n, seconds = 0, 0.0
+  for name in sorted(os.listdir(out)) if os.path.isdir(out) else ():
+    d = os.path.join(out, name)
+    for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+      if f.startswith('seed') and f.endswith('.wall') and f.count('.') == 1:
+        with open(os.path.join(d, f), encoding='utf-8') as fh:
+          seconds += sum(float(x) for x in fh.read().split())
+        n += 1
+  return n, seconds / 3600
+
+
 def write_report(out: str, docs: str, summary_path: str) -> str:
   with open(summary_path, encoding='utf-8') as f:
     summ = json.load(f)
@@ -347,6 +362,10 @@ def write_report(out: str, docs: str, summary_path: str) -> str:
                   os.path.join(fig_dir, 'fair_early_exit_scalar_gate.png'))
   n_done = sum(len(r['seeds']) for r in summ['runs'])
   n_all = len(fair.schedule())
+  n_timed, hours = wall_hours(out)
+  timing = (f'the {n_timed} runs that recorded their wall time took {hours:.1f} '
+            f'hours one after another, {hours / 2:.1f} two at a time on 2 cores '
+            '(some beside other work)' if n_timed else 'no wall times recorded')
   notes = ''
   if os.path.exists(NOTES):
     with open(NOTES, encoding='utf-8') as f:
@@ -359,7 +378,7 @@ def write_report(out: str, docs: str, summary_path: str) -> str:
 Regenerate everything below with one command, resumably (trains whatever is
 missing, runs the ztt-eval sweeps, writes `docs/results/summary.json` and
 this file; {n_done} of {n_all} (run, seed) pairs found when this copy was
-written; the whole grid takes about 3.5 hours on 2 cores):
+written; {timing}):
 
 ```bash
 python experiments/run_all.py --study=fair
