@@ -1,11 +1,13 @@
 """Test session settings: CPU only, a compilation cache shared by the
 tests of one session (many tests compile the same tiny train step), and the
-`corpus` fixture."""
+`corpus` and `fake_wandb` fixtures."""
 
 import os
 import pathlib
+import sys
 import sysconfig
 import tempfile
+import types
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
@@ -75,3 +77,35 @@ def hf_tokenizer_file(tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp('hf') / 'tokenizer.json'
   tok.save(str(path))
   return str(path)
+
+
+class FakeWandb(types.ModuleType):
+  """A stand-in `wandb` module: records init arguments and logged rows."""
+
+  def __init__(self):
+    super().__init__('wandb')
+    self.inits, self.logs, self.finished = [], [], 0
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    fake = self
+
+    class Run:
+      id = kwargs['id']
+
+      def log(self, data, step=None):
+        fake.logs.append((step, dict(data)))
+
+      def finish(self):
+        fake.finished += 1
+
+    return Run()
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+  """`import wandb` gives a FakeWandb for the test (no network, no
+  package)."""
+  module = FakeWandb()
+  monkeypatch.setitem(sys.modules, 'wandb', module)
+  return module

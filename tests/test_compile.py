@@ -164,8 +164,8 @@ def test_aot_compile_on_local_devices_reports_memory_and_flops():
 def test_budget_125m_compiles_for_v5e_2x2():
   # The 125M model and optimizer as configured, with shorter sequences and
   # a smaller batch so the compile fits the test budget (the full 2048 x 256
-  # step is in the README table). A fresh process, as a user runs it (and
-  # away from this session's persistent compilation cache).
+  # step is in docs/SCALING.md's table). A fresh process, as a user runs it
+  # (and away from this session's persistent compilation cache).
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('TPU_', 'JAX_COMPILATION_CACHE'))}
   result = subprocess.run(

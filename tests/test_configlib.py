@@ -82,8 +82,33 @@ def test_validate_checks_every_section():
       ('checkpoint.keep', 0, 'checkpoint.keep'),
       ('mesh.dcn_data', 0, 'mesh.dcn_data=0 must be a positive integer'),
       ('model.n_cycles', 0, 'model.n_cycles'),
-      ('train.lr', 0.0, 'train.lr')]:
+      ('train.lr', 0.0, 'train.lr'),
+      ('train.profile_steps', '15,10', 'train.profile_steps=.15,10. is out '
+       'of range')]:
     config = configlib.override(tiny.get_config('ztt'), {path: value})
     with pytest.raises(ConfigError, match=message):
       configlib.validate(config)
   configlib.validate(tiny.get_config('ztt'))
+
+
+def test_profile_steps_first_last_or_one_step():
+  config = tiny.get_config('ztt')  # train.steps = 20.
+  for text, expected in [('', None), ('  ', None), ('10,15', (10, 15)),
+                         (' 3, 5 ', (3, 5)), ('12', (12, 12)),
+                         ('1,20', (1, 20))]:
+    # As --config.train.profile_steps=TEXT gives it: text, kept as text.
+    new = configlib.override(config, {'train.profile_steps': text})
+    assert new.train.profile_steps == text
+    assert configlib.profile_range(new.train) == expected, text
+  for text, message in [
+      ('0,5', 'out of range: FIRST,LAST must satisfy 1 <= FIRST <= LAST <= '
+       'train.steps=20'),
+      ('5,3', 'out of range'), ('10,21', 'out of range'),
+      ('a,b', 'is not FIRST,LAST; pass two step numbers, e.g. '
+       'train.profile_steps=10,15'),
+      ('1,2,3', 'is not FIRST,LAST'), ('-1,4', 'is not FIRST,LAST'),
+      ('2.5', 'is not FIRST,LAST')]:
+    new = configlib.override(config, {'train.profile_steps': text})
+    with pytest.raises(ConfigError, match=message) as e:
+      configlib.validate(new)
+    assert '\n' not in str(e.value) and 'train.profile_steps' in str(e.value)

@@ -15,6 +15,7 @@ import pytest
 
 import ztt_jax
 from configs import tiny
+from ztt_jax import metrics
 from ztt_jax import tokenizers
 from ztt_jax import train
 from ztt_jax.errors import ConfigError
@@ -138,6 +139,8 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, corpus):
     ('valid', {'train.lr': 0.0}, 'train.lr'),
     ('valid', {'train.nan_policy': 'ignore'}, 'train.nan_policy'),
     ('valid', {'checkpoint.keep': 0}, 'checkpoint.keep'),
+    ('valid', {'train.profile_steps': '5,50'}, 'train.profile_steps'),
+    ('valid', {'train.profile_steps': 'x'}, 'train.profile_steps'),
     ('valid', {'model.dropout': 1.5}, 'model.dropout'),
     ('valid', {'model.zero_pool': 'everywhere'}, 'model.zero_pool'),
     ('valid', {'model.variant': 'head_tail_cycle', 'model.gate': 'token'},
@@ -183,6 +186,75 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
   assert len(errors) == 1 and 'data.path' in errors[0], result.stderr
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_wandb_project_without_wandb_is_one_line_and_exits_2(tmp_path):
+  # `import wandb` fails here whether or not wandb is installed.
+  blocker = tmp_path / 'blocker'
+  blocker.mkdir()
+  (blocker / 'wandb.py').write_text('raise ImportError("blocked")\n')
+  result = subprocess.run(
+      [sys.executable, '-m', 'ztt_jax.commands.train',
+       f'--config={REPO}/configs/tiny.py', f'--workdir={tmp_path}/run',
+       '--config.train.wandb_project=ztt'],
+      capture_output=True, text=True, cwd=REPO, timeout=120,
+      env={**os.environ, 'ZTT_CACHE_DIR': str(tmp_path / 'cache'),
+           'PYTHONPATH': f'{blocker}{os.pathsep}{REPO}'})
+  assert result.returncode == 2, result.stderr
+  errors = [l for l in result.stderr.splitlines() if 'error' in l.lower()]
+  assert len(errors) == 1, result.stderr
+  assert errors[0].startswith('ztt-train: error: train.wandb_project=')
+  assert 'pip install -e ".[wandb]"' in errors[0]
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def xplane_files(workdir) -> list[pathlib.Path]:
+  return sorted((pathlib.Path(workdir) / 'profile').rglob('*.xplane.pb'))
+
+
+def assert_no_trace_running(tmp_path):
+  """A trace left running would make this start_trace raise."""
+  jax.profiler.start_trace(str(tmp_path / 'probe'))
+  jax.profiler.stop_trace()
+
+
+def test_profile_and_wandb_through_a_preempted_and_resumed_run(
+    tmp_path, corpus, monkeypatch, fake_wandb):
+  wandb = fake_wandb
+  config = small_config(corpus, steps=3, profile_steps='2,3',
+                        wandb_project='ztt-tests')
+  workdir = tmp_path / 'run'
+  # Preempted (SIGTERM) after step 2, inside the profiled range.
+  monkeypatch.setattr(train._StopSignals, 'check',  # pylint: disable=protected-access
+                      lambda self, step: 'SIGTERM' if step == 2 else None)
+  summary = train.train(config, str(workdir))
+  assert summary['preempted'] == 'SIGTERM' and summary['step'] == 2
+  assert len(xplane_files(workdir)) == 1  # Stopped and written.
+  assert_no_trace_running(tmp_path)
+  # Resumed: traces the rest of the range (step 3), same W&B run.
+  monkeypatch.setattr(train._StopSignals, 'check',  # pylint: disable=protected-access
+                      lambda self, step: None)
+  first_trace = xplane_files(workdir)[0]
+  first_trace.unlink()
+  summary = train.train(config, str(workdir))
+  assert summary['step'] == 3 and 'preempted' not in summary
+  assert xplane_files(workdir) and first_trace not in xplane_files(workdir)
+  assert_no_trace_running(tmp_path)
+  run_id = (workdir / 'wandb_run_id').read_text().strip()
+  assert [i['id'] for i in wandb.inits] == [run_id, run_id]
+  assert wandb.finished == 2
+  # The W&B config is the run's, with the tokenizer's vocabulary filled in.
+  vocab = tokenizers.load_tokenizer(workdir).vocab_size
+  assert wandb.inits[0]['config']['model']['vocab_size'] == vocab
+  assert wandb.inits[0]['config']['train']['profile_steps'] == '2,3'
+  # Every logged row went to W&B too, as TensorBoard scalars.
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert [step for step, _ in wandb.logs] == [r['step'] for r in rows] == [
+      1, 2, 3]
+  for (_, logged), row in zip(wandb.logs, rows):
+    assert logged == pytest.approx(dict(metrics.scalars(row)))
+    assert 'zero_attention/cycle_3' in logged
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])

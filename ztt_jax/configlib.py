@@ -100,6 +100,16 @@ def base_config(variant: str = 'ztt') -> ml_collections.ConfigDict:
   # WORKDIR/nonfinite/, exit 1) or 'skip' (drop that update, go on).
   c.train.nan_policy = 'stop'
   c.train.inject_nan_at_step = -1  # Tests only: poison this step.
+  # A jax.profiler trace of steps FIRST to LAST (both included, as
+  # metrics.jsonl numbers them), e.g. '10,15', or of one step, '12', into
+  # WORKDIR/profile (process 0); '' : off.
+  c.train.profile_steps = ''
+  # Weights & Biases (the `wandb` extra): '' : off; else the project that
+  # process 0 logs the metrics and the config to, resuming the same W&B run
+  # (its id is kept in WORKDIR/wandb_run_id).
+  c.train.wandb_project = ''
+  c.train.wandb_entity = ''  # '' : W&B's default entity.
+  c.train.wandb_name = ''  # '' : the workdir's name.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500  # Also at the end and on preemption.
@@ -297,6 +307,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'train.grad_accum_steps={t.grad_accum_steps}; make it a multiple')
   check(t.nan_policy in NAN_POLICIES,
         f'train.nan_policy={t.nan_policy!r} is not one of {NAN_POLICIES}')
+  profile_range(t)
+  for name in ('wandb_project', 'wandb_entity', 'wandb_name'):
+    check(isinstance(t.get(name, ''), str),
+          f'train.{name}={t.get(name)!r} must be text (\'\' : off or the '
+          'default)')
   validate_data(config.data)
   _positive_int('mesh.dcn_data', config.mesh.get('dcn_data', 1))
   for name in ('every_steps', 'keep'):
@@ -306,6 +321,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
   model_config['vocab_size'] = model_config['vocab_size'] or 256
   model.ModelConfig.from_config(model_config)
   optim.make_optimizer(t)
+
+
+def profile_range(train_config) -> tuple[int, int] | None:
+  """`train.profile_steps` as (FIRST, LAST), both included; None when off.
+
+  'FIRST,LAST' or one step 'N'; 1 <= FIRST <= LAST <= train.steps, else a
+  ConfigError.
+  """
+  text = train_config.get('profile_steps', '')
+  check(isinstance(text, str), f'train.profile_steps={text!r} must be text '
+        "'FIRST,LAST', e.g. '10,15' (steps 10 to 15), or '' (off)")
+  if not text.strip():
+    return None
+  parts = [p.strip() for p in text.split(',')]
+  check(len(parts) in (1, 2) and all(re.fullmatch(r'\d+', p) for p in parts),
+        f'train.profile_steps={text!r} is not FIRST,LAST; pass two step '
+        'numbers, e.g. train.profile_steps=10,15 (steps 10 to 15), one step '
+        "(12), or '' (off)")
+  first, last = int(parts[0]), int(parts[-1])
+  steps = train_config.steps
+  check(1 <= first <= last <= steps,
+        f'train.profile_steps={text!r} is out of range: FIRST,LAST must '
+        f'satisfy 1 <= FIRST <= LAST <= train.steps={steps}; e.g. '
+        f'train.profile_steps={min(10, steps)},{min(15, steps)}')
+  return first, last
 
 
 def validate_data(data_config: ml_collections.ConfigDict) -> None:

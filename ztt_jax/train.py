@@ -249,6 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
         or os.path.abspath(config.init_from) != workdir,
         f'--workdir={workdir} is the init_from directory, whose checkpoint has '
         'no optimizer state; fine-tune in a new --workdir')
+  metrics_lib.require_wandb(config)
   _check_writable(workdir)
   multihost.check_shared_workdir(workdir, multihost.Comms.from_jax())
   setup = Setup(config, workdir)
@@ -256,7 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   t = config.train
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir, t.steps, enabled=is_main,
-                                    stream=stream)
+                                    stream=stream, config=config)
 
   step_fn, abstract, shardings, batch_sharding = setup.jit_train_step(
       stop_on_nonfinite=t.nan_policy == 'stop')
@@ -330,14 +331,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
     preempted = None
     guard = NonfiniteGuard(t.nan_policy, dataset, workdir, writer,
                            setup.mesh)
-    with _StopSignals(jax.process_count() > 1, step) as signals:
+    profiler = StepProfiler(configlib.profile_range(t),
+                            os.path.join(workdir, 'profile'), is_main,
+                            writer.print)
+    with _StopSignals(jax.process_count() > 1, step) as signals, profiler:
       while step < end:
         local_batch = next(data_iter)
         batch = data.to_global_batch(local_batch, batch_sharding,
                                      t.batch_size)
+        profiler.before_step(step + 1)
         # Dispatched without waiting for the step before it to finish.
-        state, step_metrics = step_fn(state, batch, *guard.step_args())
+        with profiler.annotate(step + 1):
+          state, step_metrics = step_fn(state, batch, *guard.step_args())
         step += 1
+        profiler.after_step(step, state)
         guard.record(step, step_metrics)
         if step == start_step + 1:
           jax.block_until_ready(state)
@@ -393,6 +400,69 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   ckpt.close()
   writer.close()
   return summary
+
+
+class StepProfiler:
+  """`train.profile_steps`: a `jax.profiler` trace of steps FIRST..LAST.
+
+  Process 0 only (every process runs the same program), into
+  WORKDIR/profile (`plugins/profile/<time>/<host>.xplane.pb`, which
+  TensorBoard's profile plugin and XProf open). The trace starts before
+  step FIRST is dispatched and stops once step LAST has finished on the
+  device. A run that starts inside the range (resumed there) traces the
+  rest of it. Used as a context manager around the loop: leaving it (the
+  run ends or is preempted inside the range, or an error) stops the trace
+  and writes it.
+  """
+
+  def __init__(self, steps: tuple[int, int] | None, log_dir: str,
+               enabled: bool, log=print):
+    self.steps = steps if enabled else None
+    self.log_dir, self.log = log_dir, log
+    self.active = False
+    self._state = None  # The newest state dispatched while tracing.
+
+  def __enter__(self):
+    return self
+
+  def before_step(self, step: int) -> None:
+    """Call before dispatching step `step` (1-based, as metrics count)."""
+    if self.steps and not self.active and (
+        self.steps[0] <= step <= self.steps[1]):
+      jax.profiler.start_trace(self.log_dir)
+      self.active = True
+      self.log(f'profiling steps {step} to {self.steps[1]} into '
+               f'{self.log_dir}')
+
+  def annotate(self, step: int):
+    """The step's trace annotation while tracing (the profiler's step
+    view), else nothing."""
+    if self.active:
+      return jax.profiler.StepTraceAnnotation('train', step_num=step)
+    return contextlib.nullcontext()
+
+  def after_step(self, step: int, state) -> None:
+    """Call after dispatching step `step`; stops after step LAST."""
+    if self.active:
+      self._state = state
+      if step >= self.steps[1]:
+        self.stop()
+
+  def stop(self) -> None:
+    """Waits for the traced steps to finish, then writes the trace."""
+    if not self.active:
+      return
+    try:
+      jax.block_until_ready(self._state)
+    except Exception:  # pylint: disable=broad-except
+      pass  # Donated by a step that then failed: nothing left to wait on.
+    self._state = None
+    self.active = False
+    jax.profiler.stop_trace()
+    self.log(f'profile written to {self.log_dir}')
+
+  def __exit__(self, *exc):
+    self.stop()
 
 
 class TrainingDiverged(RuntimeError):
