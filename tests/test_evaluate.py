@@ -255,3 +255,12 @@ def test_ztt_eval_needs_cycles_and_exit_heads(tmp_path, variant, exit_loss,
   with pytest.raises(ConfigError, match=message) as e:
     evaluate.run_eval(str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
+
+
+def test_zero_margin_sweep_refuses_the_dot_product_path_before_any_pass():
+  config = tiny.get_config('ztt')
+  config.model.update(vocab_size=64, attention='dot_product')
+  module = model.build(config.model)
+  with pytest.raises(ConfigError, match='zero_margin needs') as e:
+    evaluate.early_exit_sweep(module, None, [], 'zero_margin')
+  assert '\n' not in str(e.value)
