@@ -138,9 +138,9 @@ def dot_product_attention(
   cuDNN's kernel needs anyway: a multiple of 8, and q, k and v alike) and
   channel K carries the zero token:
 
-    query  [q, q . z_h, 0..]   the zero logit, scaled by the kernel as any
-    keys   [0, e_K], [k_s, 0]  key 0 is the unit vector e_K: its logit is
-    values [0, e_K], [v_s, 0]  the zero logit, and output channel K is a0.
+    query  [q, q . z_h, 0..]   key 0 is the unit vector e_K, so its logit
+    keys   [0, e_K], [k_s, 0]  is q . z_h (times the scale 1/sqrt(K), given
+    values [0, e_K], [v_s, 0]  explicitly), and output channel K is a0.
 
   The zero key (one per query head) thus enters through the queries, and
   every key/value head gets the same key 0: grouped-query attention stays
@@ -150,14 +150,18 @@ def dot_product_attention(
   kernel's log-sum-exp (`return_residual`), whose gradient is lost (XLA's
   implementation stop-gradients it, cuDNN's backward drops it).
 
-  In bfloat16 or float16 the kernel runs in that dtype: `a0` then has its
-  precision (returned as float32), like the output.
+  In bfloat16 or float16 the kernel runs in that dtype: the zero logit
+  enters rounded to it and `a0` comes out with its precision (returned as
+  float32), like the output. cuDNN takes W <= 256 from Hopper on, W <= 128
+  before: K = 128 with a zero token (W = 136) needs Hopper, and jax says so
+  in one error otherwise.
 
   Masks, as `model.Attention` uses them:
     positions_BxT None: self-attention over the T keys of the same tokens
       (S == T, positions ascending): causal (`is_causal`). With a zero
-      token a throwaway query is put first, so on the [T+1, S+1] grid the
-      causal mask lets query t see key 0 and keys 0..t.
+      token a throwaway query row is put first, so that on the square
+      [T+1, T+1] grid the causal mask lets query t (row t + 1) see the
+      zero token (key 0) and real keys 0..t (keys 1..t+1).
     positions_BxT given: the keys are cache slots 0..S-1 and query (b, t)
       sees the slots at or before `positions_BxT[b, t]`: for one new token
       (T == 1) as `key_value_seq_lengths`, else as a boolean mask.
