@@ -59,7 +59,9 @@ def main() -> None:
   p.add_argument('--batches', type=int, default=0)
   p.add_argument('--n_thresholds', type=int, default=3)
   args = p.parse_args()
-  module, params, config = ztt_jax.load(args.workdir)
+  # zero_margin needs the explicit logits, whatever attention trained.
+  module, params, config = ztt_jax.load(args.workdir,
+                                        overrides={'model.attention': 'xla'})
   corpus = data.prepare(config.data, args.workdir)
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
       corpus.val_N, config.data.seq_len, config.train.batch_size,

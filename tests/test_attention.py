@@ -1,5 +1,7 @@
 """Zero-token attention against a float64 NumPy reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,3 +146,119 @@ def test_zero_margin_is_position_free_when_attention_concentrates():
   np.testing.assert_allclose(
       log_w[:, 0], 1.0 - np.log((np.exp(5.0) + n - 1) / n), atol=1e-4)
   assert log_w[-1, 0] - log_w[0, 0] > 1.5  # Rises with position.
+
+
+# --------------------------------------- model.attention='dot_product' --
+
+B2, S2, H2 = 2, 9, 4
+
+
+def fused_case(seed, n_kv_heads, zero, where):
+  """Random q, k, v (G = n_kv_heads), a zero key or None, and how the
+  keys are seen: `self` (the T queries' own keys, causal), `prefill` (T
+  queries at per-row offsets into a cache of S slots) or `decode` (one
+  query per row at its own position). Cache slots past a query's position
+  hold random keys and values, which a wrong mask would pick up."""
+  rng = np.random.default_rng(seed)
+  t = {'self': S2, 'prefill': 4, 'decode': 1}[where]
+  s = t if where == 'self' else S2
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q = normal(B2, t, H2, K)
+  k, v = normal(B2, s, n_kv_heads, K), normal(B2, s, n_kv_heads, K)
+  z = normal(H2, K) if zero else None
+  slots = jnp.broadcast_to(jnp.arange(s), (B2, s))
+  if where == 'self':
+    positions, mask = None, attention.causal_mask(slots, slots)
+  else:
+    starts = np.array([[2], [S2 - t]])  # Rows at different offsets.
+    positions = jnp.asarray(starts + np.arange(t), jnp.int32)
+    mask = attention.causal_mask(positions, slots)
+  return (q, k, v, z), positions, mask
+
+
+def xla_path(q, k, v, z, mask):
+  groups = q.shape[2] // k.shape[2]
+  k, v = (jnp.repeat(a, groups, axis=2) for a in (k, v))
+  return attention.zero_token_attention(q, k, v, mask, z)
+
+
+@pytest.mark.parametrize('where', ['self', 'prefill', 'decode'])
+@pytest.mark.parametrize('n_kv_heads', [H2, 2])
+@pytest.mark.parametrize('zero', [True, False], ids=['zero_token', 'plain'])
+def test_dot_product_path_matches_xla_path(zero, n_kv_heads, where):
+  """Outputs, a0 and the gradients of both (w.r.t. q, k, v and the zero
+  key) agree; the fused path has no margin."""
+  args, positions, mask = fused_case(0, n_kv_heads, zero, where)
+  fused = lambda q, k, v, z: attention.dot_product_attention(
+      q, k, v, z, positions)
+  xla = lambda q, k, v, z: xla_path(q, k, v, z, mask)
+  out, a0, margin = jax.jit(fused)(*args)
+  ref_out, ref_a0, ref_margin = jax.jit(xla)(*args)
+  assert margin is None and (ref_margin is None) == (not zero)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  if zero:
+    assert np.ptp(np.asarray(ref_a0)) > 0.1  # Varies: not a trivial a0.
+    np.testing.assert_allclose(a0, ref_a0, rtol=1e-5, atol=1e-6)
+  else:
+    assert a0 is None and ref_a0 is None
+  # A loss that reads the output and a0 with random weights.
+  rng = np.random.default_rng(1)
+  w_out = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+  w_a0 = jnp.asarray(rng.standard_normal(out.shape[:3]), jnp.float32)
+
+  def loss(fn, q, k, v, z):
+    out, a0, _ = fn(q, k, v, z)
+    return jnp.sum(out * w_out) + (0.0 if a0 is None else jnp.sum(a0 * w_a0))
+
+  argnums = (0, 1, 2, 3) if zero else (0, 1, 2)
+  grads = jax.jit(jax.grad(functools.partial(loss, fused), argnums))(*args)
+  ref_grads = jax.jit(jax.grad(functools.partial(loss, xla), argnums))(*args)
+  for name, g, ref in zip('qkvz', grads, ref_grads):
+    assert float(jnp.abs(ref).max()) > 1e-2, name  # Gradients do flow.
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_dot_product_matches_float64_reference():
+  q, k, v, z = random_qkvz(1, 3.0)
+  out, a0, _ = jax.jit(attention.dot_product_attention)(
+      *(jnp.asarray(x, jnp.float32)[None] for x in (q, k, v)),
+      jnp.asarray(z, jnp.float32))
+  ref_out, ref_a0, _ = attention.reference_attention_np(q, k, v, z)
+  np.testing.assert_allclose(a0[0], ref_a0, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out[0], ref_out, rtol=1e-4, atol=3e-5)
+
+
+@pytest.mark.parametrize('where', ['self', 'prefill', 'decode'])
+@pytest.mark.parametrize('zero', [True, False], ids=['zero_token', 'plain'])
+def test_dot_product_hands_the_kernel_what_cudnn_takes(monkeypatch, zero,
+                                                       where):
+  """What reaches jax.nn.dot_product_attention would run on cuDNN: one
+  16-bit dtype, one head dim (a multiple of 8, one channel more than K
+  with a zero token), G key/value heads, no bias, and for training (self)
+  the causal flag rather than a mask array."""
+  seen = {}
+  real = jax.nn.dot_product_attention
+
+  def spy(q, k, v, bias=None, mask=None, **kwargs):
+    seen.update(q=q, k=k, v=v, bias=bias, mask=mask, **kwargs)
+    return real(q, k, v, bias, mask, **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  (q, k, v, z), positions, _ = fused_case(2, 2, zero, where)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  out, _, _ = attention.dot_product_attention(
+      bf16(q), bf16(k), bf16(v), z, positions, implementation='xla')
+  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+  width = attention.fused_head_dim(K, zero)
+  assert width % 8 == 0 and width == (16 if zero else K)
+  assert {seen[n].dtype for n in 'qkv'} == {jnp.dtype(jnp.bfloat16)}
+  assert {seen[n].shape[-1] for n in 'qkv'} == {width}
+  assert seen['k'].shape == seen['v'].shape and seen['k'].shape[2] == 2
+  assert seen['bias'] is None and seen['implementation'] == 'xla'
+  if where == 'self':
+    assert seen['is_causal'] and seen['mask'] is None
+  elif where == 'decode':
+    assert seen['mask'] is None
+    assert seen['key_value_seq_lengths'].dtype == jnp.int32
+  # On this CPU jax runs XLA's implementation whatever the dtype.
+  assert attention.fused_implementation(jnp.bfloat16) == 'xla'

@@ -83,3 +83,9 @@ def test_bad_compile_cycles_is_a_config_error():
     bench_command.cycle_counts('8')
   assert bench_command.cycle_counts('2,8') == (2, 8)
   assert bench_command.cycle_counts('') == ()
+
+
+def test_bad_attention_baseline_fails_before_any_timing():
+  with pytest.raises(ConfigError, match='--attention_baseline=.flash.') as e:
+    bench.compare(tiny.get_config('ztt'), attention_baseline='flash')
+  assert '\n' not in str(e.value)

@@ -24,7 +24,7 @@ def test_override_parses_text_as_the_field_type():
 
 @pytest.mark.parametrize('path, value, message', [
     ('train.stepz', '3', 'did you mean --config.train.steps'),
-    ('model.nope', '1', 'no such field; fields here: ce_chunk_len, d_ff'),
+    ('model.nope', '1', 'no such field; fields here: attention, ce_chunk_len'),
     ('nope', '1', 'no such field'),
     ('train', '1', 'is a section'),
     ('train.steps.x', '1', 'train.steps is a value, not a section'),
@@ -82,6 +82,7 @@ def test_validate_checks_every_section():
       ('checkpoint.keep', 0, 'checkpoint.keep'),
       ('mesh.dcn_data', 0, 'mesh.dcn_data=0 must be a positive integer'),
       ('model.n_cycles', 0, 'model.n_cycles'),
+      ('model.attention', 'flash', "model.attention='flash' is not one of"),
       ('train.lr', 0.0, 'train.lr'),
       ('train.profile_steps', '15,10', 'train.profile_steps=.15,10. is out '
        'of range')]:

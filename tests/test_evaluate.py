@@ -255,3 +255,29 @@ def test_ztt_eval_needs_cycles_and_exit_heads(tmp_path, variant, exit_loss,
   with pytest.raises(ConfigError, match=message) as e:
     evaluate.run_eval(str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
+
+
+def test_zero_margin_sweep_refuses_the_dot_product_path_before_any_pass():
+  config = tiny.get_config('ztt')
+  config.model.update(vocab_size=64, attention='dot_product')
+  module = model.build(config.model)
+  with pytest.raises(ConfigError, match='zero_margin needs') as e:
+    evaluate.early_exit_sweep(module, None, [], 'zero_margin')
+  assert '\n' not in str(e.value)
+
+
+def test_a_checkpoint_loads_with_either_attention(tmp_path):
+  """model.attention shapes no param: a saved run loads with the other one
+  (how a dot_product run gets its zero_margin)."""
+  config = tiny.get_config('ztt')
+  config.model.update(vocab_size=64, attention='dot_product')
+  abstract = model.abstract_params(model.build(config.model))
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  convert._save(  # pylint: disable=protected-access
+      str(tmp_path / 'run'), config, params)
+  module, _, _ = ztt_jax.load(str(tmp_path / 'run'))
+  assert module.cfg.attention == 'dot_product'
+  module, _, _ = ztt_jax.load(str(tmp_path / 'run'),
+                              overrides={'model.attention': 'xla'})
+  assert module.cfg.attention == 'xla'
+  generate.ExitRule('zero_margin').validate(module.cfg)

@@ -268,3 +268,74 @@ def test_zero_attention_exit_needs_zero_tokens():
   net, _ = make('head_tail_cycle')
   with pytest.raises(ConfigError, match='zero tokens'):
     generate.ExitRule('zero_attention').validate(net.cfg)
+
+
+# --------------------------------------- model.attention='dot_product' --
+
+
+def fused(net):
+  return model.build(dataclasses.replace(net.cfg, attention='dot_product'))
+
+
+@pytest.mark.parametrize('variant, overrides', [
+    *[(v, {}) for v in model.VARIANTS], ('ztt', dict(n_kv_heads=2))],
+    ids=lambda x: x if isinstance(x, str) else ('gqa' if x else 'mha'))
+def test_dot_product_decoding_matches_the_xla_model(variant, overrides):
+  """Prefill and token-by-token decoding through the KV cache with the fused
+  kernel give the xla model's logits."""
+  net, params = make(variant, **overrides)
+  x = tokens()
+  ref = full_forward(net.cfg, params, x).logits
+  decoded, cycles = decode_all(fused(net), params, x, prefill=4)
+  np.testing.assert_allclose(decoded, ref, atol=ATOL)
+  assert np.all(cycles == net.cfg.cycles)
+
+
+def cached_cycle_outputs(net, params, tokens_BxT, spans):
+  """Every cycle's (state, zero_attention, zero_weight, zero_margin) for
+  each span of positions fed through the cache in turn (a prefill, then
+  single tokens), all cycles run; under jit."""
+  call = lambda method, *a: net.apply({'params': params}, *a, method=method)
+  cache = generate.init_cache(net.cfg, B, T)
+  head, mid = cache.head, cache.mid
+  outs = []
+  for start, stop in spans:
+    pos = jnp.broadcast_to(jnp.arange(start, stop), (B, stop - start))
+    h = call(model.Transformer.embed_tokens, tokens_BxT[:, start:stop], pos)
+    h, head = call(model.Transformer.head_stack, h, pos, head)
+    for c in range(net.cfg.cycles):
+      h, out = call(model.Transformer.one_cycle, h, c, pos,
+                    jax.tree.map(lambda a, c=c: a[c], mid))
+      mid = jax.tree.map(lambda full, new, c=c: full.at[c].set(new), mid,
+                         out.cache)
+      outs.append((h, out.zero_attention, out.zero_weight, out.zero_margin))
+  return outs
+
+
+def test_dot_product_decoding_gives_the_zero_statistics():
+  """Through the cache (a prefill of 4, then two single tokens), every
+  cycle's state, zero-token mass and log weight agree between the xla and
+  the fused path (grouped-query); the fused path has no margin."""
+  net, params = make('ztt', n_kv_heads=2)
+  x = tokens()
+  spans = ((0, 4), (4, 5), (5, 6))
+  run = lambda net: jax.jit(functools.partial(
+      cached_cycle_outputs, net, spans=spans))(params, x)
+  ref, out = run(net), run(fused(net))
+  assert len(out) == 3 * net.cfg.cycles
+  for (h, mass, weight, margin), (h_ref, mass_ref, weight_ref, margin_ref) in (
+      zip(out, ref)):
+    assert margin is None and margin_ref is not None
+    # States of norm 40-80 per token: float32 round-off relative to that.
+    assert np.linalg.norm(h - h_ref) < 1e-5 * np.linalg.norm(h_ref)
+    np.testing.assert_allclose(mass, mass_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weight, weight_ref, rtol=1e-5, atol=ATOL)
+
+
+def test_zero_margin_exit_refuses_the_dot_product_path():
+  net, _ = make('ztt', attention='dot_product')
+  with pytest.raises(ConfigError, match="model.attention='dot_product'") as e:
+    generate.ExitRule('zero_margin').validate(net.cfg)
+  assert '\n' not in str(e.value) and 'attention=xla' in str(e.value)
+  for criterion in ('zero_attention', 'zero_weight'):
+    generate.ExitRule(criterion).validate(net.cfg)

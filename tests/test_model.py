@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from ztt_jax import attention
 from ztt_jax import model
 from ztt_jax.errors import ConfigError
 
@@ -130,6 +131,72 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   np.testing.assert_allclose(out.zero_attention, ref.zero_attention,
                              atol=1e-2)
   np.testing.assert_allclose(out.gate, ref.gate, atol=5e-2)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+  """Counts the traces of attention.dot_product_attention (one list item),
+  so a test knows the fused path ran and is not compared with itself."""
+  calls = [0]
+  real = attention.dot_product_attention
+
+  def counted(*args, **kwargs):
+    calls[0] += 1
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(attention, 'dot_product_attention', counted)
+  return calls
+
+
+@pytest.mark.parametrize('variant, n_kv_heads', [
+    *[(v, 0) for v in model.VARIANTS], ('ztt', 2)])
+def test_dot_product_attention_matches_xla(variant, n_kv_heads,
+                                           fused_calls):
+  """model.attention='dot_product' (the fused kernel) gives the same
+  outputs, zero-token statistics and param gradients as 'xla' with the same
+  params; only the margin is absent."""
+  cfg = make_cfg(variant, n_kv_heads=n_kv_heads)
+  params = random_params(cfg)
+  x = tokens()
+
+  def run(cfg):
+    module = model.build(cfg)
+
+    def loss(p):
+      out = module.apply({'params': p}, x)
+      ce = -jnp.mean(jax.nn.log_softmax(out.cycle_logits)[..., 3])
+      if out.zero_attention is None:
+        return ce, out
+      return ce + jnp.mean(out.zero_attention), out  # a0 gets gradients too.
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (loss, out), grads = run(cfg)
+  assert fused_calls[0] == 0
+  (fused_loss, fused), fused_grads = run(
+      dataclasses.replace(cfg, attention='dot_product'))
+  assert fused.zero_margin is None
+  assert (out.zero_margin is None) == (cfg.zero_pool == 'none')
+  np.testing.assert_allclose(fused_loss, loss, rtol=1e-6)
+  chex.assert_trees_all_close(fused.replace(zero_margin=None),
+                              out.replace(zero_margin=None),
+                              atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(fused_grads, grads, atol=1e-5, rtol=1e-5)
+  assert fused_calls[0] > 0  # The fused path really ran.
+
+
+def test_dot_product_attention_in_bfloat16(fused_calls):
+  """In bfloat16 the fused path gives a0 with bfloat16 precision, as
+  float32, like the xla path's."""
+  cfg = make_cfg('ztt', dtype='bfloat16', n_kv_heads=2)
+  _, params, ref = init_apply(cfg)
+  out = apply(dataclasses.replace(cfg, attention='dot_product'), params,
+              tokens())
+  chex.assert_type([out.logits, out.zero_attention], jnp.float32)
+  np.testing.assert_allclose(out.zero_attention, ref.zero_attention,
+                             atol=1e-2)
+  assert _relative_error(out.logits, ref.logits) < 0.05
+  assert fused_calls[0] > 0
 
 
 @pytest.mark.parametrize('variant', model.VARIANTS)
@@ -330,6 +397,7 @@ def test_flops_per_token_counts_the_early_heads_scored_positions():
     (dict(variant='head_tail_cycle', zero_pool='cycle'), 'model.zero_pool'),
     (dict(dropout=1.5), 'model.dropout'),
     (dict(remat_policy='most'), 'model.remat_policy'),
+    (dict(attention='flash'), 'model.attention'),
 ])
 def test_bad_model_config_names_the_field(overrides, field):
   with pytest.raises(ConfigError, match=field.replace('.', r'\.')) as e:

@@ -10,7 +10,7 @@ __all__ = ['ConfigError', 'load']
 
 # Model fields an override may change when loading a checkpoint: how the
 # maths runs, not the shape of the params.
-LOAD_MODEL_OVERRIDES = ('dtype', 'remat_policy', 'dropout')
+LOAD_MODEL_OVERRIDES = ('dtype', 'remat_policy', 'dropout', 'attention')
 
 
 def load(workdir, step: int | None = None,

@@ -8,7 +8,14 @@ it, the block's output is `(1 - a0) * ordinary_causal_attention`, and `a0` is
 the statistic ZTT uses to decide how much a layer (and a cycle) still wants
 to change the hidden state.
 
-Axis names: B batch, T query time, S key time, H heads, K head dim.
+Two implementations of the same maths (`model.attention`):
+`zero_token_attention` (xla: explicit float32 logits, every statistic) and
+`dot_product_attention` (`jax.nn.dot_product_attention`, cuDNN's fused
+kernel on NVIDIA GPUs; the zero token rides along as an extra key, and `a0`
+comes out of an extra value channel, exactly; no logit margin).
+
+Axis names: B batch, T query time, S key time, H heads, G key/value heads,
+K head dim, W padded head dim.
 """
 
 from __future__ import annotations
@@ -89,6 +96,128 @@ def zero_token_attention(
   out_BxTxHxK = jnp.einsum('bhts,bshk->bthk', p_BxHxTxS.astype(v_BxSxHxK.dtype),
                            v_BxSxHxK)
   return out_BxTxHxK, a0_BxTxH, margin_BxTxH
+
+
+# cuDNN's flash attention takes head dims that are multiples of 8 (at most
+# 128 before Hopper, 256 from Hopper on) and 16-bit inputs only.
+_CUDNN_HEAD_DIM_MULTIPLE = 8
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def fused_implementation(dtype) -> str:
+  """The `implementation` `dot_product_attention` asks jax for: 'cudnn' on
+  an NVIDIA GPU with bfloat16 or float16 inputs (`model.dtype`), 'xla'
+  otherwise (CPU, TPU, float32: cuDNN's kernel takes 16-bit inputs only;
+  `implementation=None` would also pick XLA's in jax 0.10)."""
+  device = jax.devices()[0]
+  cuda = (device.platform == 'gpu'
+          and 'cuda' in str(device.client.platform_version).lower())
+  return 'cudnn' if cuda and jnp.dtype(dtype) in _CUDNN_DTYPES else 'xla'
+
+
+def fused_head_dim(head_dim: int, zero_token: bool) -> int:
+  """W, the head dim `dot_product_attention` hands the kernel: K (plus one
+  channel for the zero token) rounded up to a multiple of 8."""
+  m = _CUDNN_HEAD_DIM_MULTIPLE
+  return -(-(head_dim + int(zero_token)) // m) * m
+
+
+def dot_product_attention(
+    q_BxTxHxK: jax.Array,
+    k_BxSxGxK: jax.Array,
+    v_BxSxGxK: jax.Array,
+    zero_key_HxK: jax.Array | None = None,
+    positions_BxT: jax.Array | None = None,
+    implementation: str = 'xla',
+) -> tuple[jax.Array, jax.Array | None, None]:
+  """`zero_token_attention` through `jax.nn.dot_product_attention`.
+
+  The zero token is key 0 of the kernel, with a value of zero, and `a0`
+  comes out exactly, as an output channel, without the kernel exposing its
+  softmax: head dims are padded from K to W (`fused_head_dim`, which
+  cuDNN's kernel needs anyway: a multiple of 8, and q, k and v alike) and
+  channel K carries the zero token:
+
+    query  [q, q . z_h, 0..]   key 0 is the unit vector e_K, so its logit
+    keys   [0, e_K], [k_s, 0]  is q . z_h (times the scale 1/sqrt(K), given
+    values [0, e_K], [v_s, 0]  explicitly), and output channel K is a0.
+
+  The zero key (one per query head) thus enters through the queries, and
+  every key/value head gets the same key 0: grouped-query attention stays
+  grouped (G heads go to the kernel). Outputs and `a0` are exact up to
+  float round-off, gradients too (w.r.t. q, k, v and the zero key, all
+  through the kernel's own backward pass). Not chosen: `a0` from the
+  kernel's log-sum-exp (`return_residual`), whose gradient is lost (XLA's
+  implementation stop-gradients it, cuDNN's backward drops it).
+
+  In bfloat16 or float16 the kernel runs in that dtype: the zero logit
+  enters rounded to it and `a0` comes out with its precision (returned as
+  float32), like the output. cuDNN takes W <= 256 from Hopper on, W <= 128
+  before: K = 128 with a zero token (W = 136) needs Hopper, and jax says so
+  in one error otherwise.
+
+  Masks, as `model.Attention` uses them:
+    positions_BxT None: self-attention over the T keys of the same tokens
+      (S == T, positions ascending): causal (`is_causal`). With a zero
+      token a throwaway query row is put first, so that on the square
+      [T+1, T+1] grid the causal mask lets query t (row t + 1) see the
+      zero token (key 0) and real keys 0..t (keys 1..t+1).
+    positions_BxT given: the keys are cache slots 0..S-1 and query (b, t)
+      sees the slots at or before `positions_BxT[b, t]`: for one new token
+      (T == 1) as `key_value_seq_lengths`, else as a boolean mask.
+
+  The largest real-key logit is not available from the kernel, so there is
+  no margin: the third result is always None (`model.attention='xla'` has
+  it; the exit criterion zero_margin refuses this path).
+
+  Args:
+    q_BxTxHxK: queries (rotary applied).
+    k_BxSxGxK: keys (rotary applied), G dividing H.
+    v_BxSxGxK: values.
+    zero_key_HxK: the zero token's key per head, or None (plain attention).
+    positions_BxT: the queries' positions when the keys are a KV cache.
+    implementation: 'xla' or 'cudnn' (`fused_implementation`).
+
+  Returns:
+    `(out_BxTxHxK, a0_BxTxH float32 or None, None)`; `out` in the dtype of
+    `q`.
+  """
+  b, t, _, dim = q_BxTxHxK.shape
+  s, g = k_BxSxGxK.shape[1:3]
+  dtype = q_BxTxHxK.dtype
+  zero = zero_key_HxK is not None
+  width = fused_head_dim(dim, zero)
+  pad = lambda x: jnp.pad(x.astype(dtype), ((0, 0),) * 3 + ((0, width - dim),))
+  q_BxTxHxW, k_BxSxGxW, v_BxSxGxW = (
+      pad(x) for x in (q_BxTxHxK, k_BxSxGxK, v_BxSxGxK))
+  if zero:
+    zero_logit_BxTxH = jnp.einsum('bthk,hk->bth', q_BxTxHxK.astype(jnp.float32),
+                                  zero_key_HxK.astype(jnp.float32))
+    q_BxTxHxW = q_BxTxHxW.at[..., dim].set(zero_logit_BxTxH.astype(dtype))
+    unit_Bx1xGxW = jnp.zeros((b, 1, g, width), dtype).at[..., dim].set(1)
+    k_BxSxGxW, v_BxSxGxW = (jnp.concatenate([unit_Bx1xGxW, x], axis=1)
+                            for x in (k_BxSxGxW, v_BxSxGxW))
+  kwargs = dict(scale=1.0 / np.sqrt(dim), implementation=implementation)
+  lead = 0
+  if positions_BxT is None:
+    kwargs['is_causal'] = True
+    if zero:  # The throwaway query: query t is row t + 1, sees keys 0..t+1.
+      lead = 1
+      q_BxTxHxW = jnp.pad(q_BxTxHxW, ((0, 0), (1, 0), (0, 0), (0, 0)))
+  elif t == 1:
+    kwargs['key_value_seq_lengths'] = (
+        positions_BxT[:, 0] + 1 + int(zero)).astype(jnp.int32)
+  else:
+    mask_BxTxS = causal_mask(positions_BxT,
+                             jnp.broadcast_to(jnp.arange(s), (b, s)))
+    if zero:
+      mask_BxTxS = jnp.pad(mask_BxTxS, ((0, 0), (0, 0), (1, 0)),
+                           constant_values=True)
+    kwargs['mask'] = mask_BxTxS[:, None]
+  out_BxTxHxW = jax.nn.dot_product_attention(q_BxTxHxW, k_BxSxGxW, v_BxSxGxW,
+                                             **kwargs)[:, lead:]
+  a0_BxTxH = out_BxTxHxW[..., dim].astype(jnp.float32) if zero else None
+  return out_BxTxHxW[..., :dim], a0_BxTxH, None
 
 
 def zero_log_weight(a0_BxTxH: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:

@@ -7,7 +7,10 @@
 
 With `--baseline` the same config is also measured as that variant, and as
 ZTT without exit heads (`exit_loss=none`: the zero tokens and gate alone),
-and the step-time ratios are printed; with `--compile_cycles` the train step
+and the step-time ratios are printed; with `--attention_baseline` the same
+config is also measured with that `model.attention` (e.g. the fused
+`dot_product` config against `xla`) and the step-time and temporary-memory
+ratios are printed; with `--compile_cycles` the train step
 is also compiled at each cycle count and the compile-time ratio (largest
 count over smallest) is printed. `targets` holds the issue's targets with
 the measured value and whether it is met.
@@ -97,6 +100,7 @@ def bench(config: ml_collections.ConfigDict, steps: int = 20,
   memory = compiled.memory_analysis()
   result = {
       'config': setup.model_cfg.variant,
+      'attention': setup.model_cfg.attention,
       'n_cycles': setup.model_cfg.cycles,
       'params': model_lib.count_params(abstract.params),
       'batch_size': b, 'seq_len': t, 'devices': n_devices,
@@ -135,8 +139,14 @@ COMPILE_RATIO_TARGET = 1.3
 
 def compare(config: ml_collections.ConfigDict, steps: int = 20,
             warmup: int = 3, baseline: str = '',
-            compile_cycles: tuple[int, ...] = ()) -> dict:
-  """`bench` of `config`, plus the baseline and compile-time comparisons."""
+            compile_cycles: tuple[int, ...] = (),
+            attention_baseline: str = '') -> dict:
+  """`bench` of `config`, plus the baseline, attention and compile-time
+  comparisons."""
+  check(not attention_baseline
+        or attention_baseline in model_lib.ATTENTIONS,
+        f'--attention_baseline={attention_baseline!r} is not one of '
+        f'{model_lib.ATTENTIONS}')
   result = bench(config, steps, warmup)
   peak = result['matmul_peak_flops_per_s']
   targets = {'mfu': dict(value=result['mfu'], target=f'>= {MFU_TARGET}',
@@ -160,6 +170,15 @@ def compare(config: ml_collections.ConfigDict, steps: int = 20,
       targets[f'ztt_without_exit_heads_over_{baseline}_step_time'] = dict(
           value=bare_ratio, target=f'<= {ZTT_OVER_HTC_TARGET}',
           met=bare_ratio <= ZTT_OVER_HTC_TARGET)
+  if attention_baseline:
+    base = bench(_variant(config, attention=attention_baseline), steps,
+                 warmup, result['matmul_peak_flops_per_s'])
+    result['attention_baseline'] = base
+    result['step_ratio_vs_attention_baseline'] = (
+        result['step_s_median'] / base['step_s_median'])
+    if 'temp_size_in_bytes' in result and base.get('temp_size_in_bytes'):
+      result['temp_memory_ratio_vs_attention_baseline'] = (
+          result['temp_size_in_bytes'] / base['temp_size_in_bytes'])
   if compile_cycles:
     by_cycles = {c: bench(_variant(config, n_cycles=c), compile_only=True)
                  for c in compile_cycles}

@@ -165,6 +165,8 @@ def early_exit_sweep(module, params, batches, criterion: str = '',
   check(cfg.exit_heads, f'this {cfg.variant} model has no exit heads, so it '
         'cannot stop after an early cycle; train it with '
         'model.exit_loss=linear, uniform or last')
+  if criterion:  # A criterion the model cannot give fails before any pass.
+    exits.ExitRule(criterion, min_cycles).validate(cfg)
   stats_fn = _jitted(functools.partial, token_statistics, module,
                      out_sharding=out_sharding)
   stats = [jax.device_get(stats_fn(params, b)) for b in batches]

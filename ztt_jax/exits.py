@@ -17,7 +17,8 @@ Criteria, after cycle c, per token:
   zero_margin     mean logit margin of the zero token  exits when >= threshold
                   over the strongest real key in cycle
                   c (position-free under uniform and
-                  under concentrated attention)
+                  under concentrated attention; needs
+                  model.attention='xla')
   gate            mean gate value of cycle c           exits when <= threshold
   kl              KL(p_c || p_{c-1}) of successive     exits when <= threshold
                   exit heads (+inf after cycle 1)
@@ -186,6 +187,10 @@ class ExitRule:
     check(self.criterion not in ZERO_CRITERIA or cfg.zero_pool != 'none',
           f'exit.criterion={self.criterion} needs zero tokens but this '
           f'{cfg.variant} model has none; use exit.criterion=kl or fixed')
+    check(self.criterion != 'zero_margin' or cfg.attention != 'dot_product',
+          "exit.criterion=zero_margin needs the largest key logit, which "
+          "model.attention='dot_product' does not compute; pass "
+          '--config.model.attention=xla (same params) or use zero_weight')
     check(self.criterion != 'gate' or cfg.gate != 'none',
           f'exit.criterion=gate needs a gate but this {cfg.variant} model '
           'has none; use exit.criterion=kl or fixed')

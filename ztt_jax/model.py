@@ -43,6 +43,7 @@ EXIT_GRADS = ('full', 'detach')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 POSITIONS = ('rope', 'learned')
 NORMS = ('rmsnorm', 'layernorm')
+ATTENTIONS = ('xla', 'dot_product')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
 
@@ -98,6 +99,12 @@ class ModelConfig:
   # LM head, never the cycled stack, the pool or the gates.
   exit_grad: str = 'full'
   scan_layers: bool = True
+  # How attention runs (same params, same outputs and zero-token mass):
+  # xla: explicit float32 logits (attention.zero_token_attention), every
+  # statistic; dot_product: jax.nn.dot_product_attention, cuDNN's fused
+  # kernel on NVIDIA GPUs in bfloat16/float16 (attention.
+  # dot_product_attention); no zero_margin (the kernel hides the max logit).
+  attention: str = 'xla'
   remat_policy: str = 'none'
   # Training loss only (the model is the same): the exit heads before the
   # last score a random subset of this fraction of the positions, drawn per
@@ -166,6 +173,10 @@ class ModelConfig:
                           ('positions', POSITIONS), ('norm', NORMS)):
       check(getattr(self, name) in allowed,
             f'model.{name}={getattr(self, name)!r} is not one of {allowed}')
+    check(self.attention in ATTENTIONS,
+          f'model.attention={self.attention!r} is not one of {ATTENTIONS}: '
+          'xla (explicit logits, every statistic) or dot_product '
+          '(jax.nn.dot_product_attention, cuDNN on NVIDIA GPUs)')
     if self.variant != 'ztt':
       for name in ('zero_pool', 'gate'):
         check(getattr(self, name) == 'none',
@@ -278,7 +289,8 @@ class ModelOutput:
   zero_weight: jax.Array | None = None
   gate: jax.Array | None = None  # [C, B, T] gate value per cycle.
   # [C, B, T]: the zero token's logit minus the largest real-key logit
-  # (attention.zero_token_attention), mean over heads and layers.
+  # (attention.zero_token_attention), mean over heads and layers; None with
+  # model.attention='dot_product' (the fused kernel hides that logit).
   zero_margin: jax.Array | None = None
   # [C, B, T, D]: what the LM head reads after every cycle (tail layers and
   # final norm applied); only with `logits=False`.
@@ -357,7 +369,9 @@ class Attention(nn.Module):
   projections have G heads (logical axis `kv_heads`), the cache stores G
   heads, and query head i reads key/value head `i // (H // G)`. With
   `positions='learned'` no rotary is applied (the positions were added to
-  the embeddings).
+  the embeddings). `model.attention` picks the softmax attention itself:
+  `attention.zero_token_attention` (xla) or `attention.dot_product_attention`
+  (the fused kernel, which has no zero-token margin).
   """
   cfg: ModelConfig
 
@@ -415,10 +429,6 @@ class Attention(nn.Module):
           cache, (k_BxTxGxK, v_BxTxGxK), positions_BxT[:, 0])
       key_positions_BxS = jnp.broadcast_to(
           jnp.arange(k_BxTxGxK.shape[1]), k_BxTxGxK.shape[:2])
-    groups = self.cfg.n_heads // self.cfg.resolved_kv_heads
-    if groups > 1:
-      k_BxTxGxK, v_BxTxGxK = (jnp.repeat(a, groups, axis=2)
-                              for a in (k_BxTxGxK, v_BxTxGxK))
     mask_BxTxS = attention.causal_mask(positions_BxT, key_positions_BxS)
     if self.is_mutable_collection('intermediates'):
       # What zero-key calibration reads (convert.py): the queries and the
@@ -427,8 +437,19 @@ class Attention(nn.Module):
       self.sow('intermediates', 'key_lse', jax.nn.logsumexp(
           attention.logits(q_BxTxHxK, k_BxTxGxK, mask_BxTxS), -1
       ).transpose(0, 2, 1))
-    out_BxTxHxK, a0_BxTxH, margin_BxTxH = attention.zero_token_attention(
-        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, zero_key_HxK)
+    if self.cfg.attention == 'dot_product':
+      # The fused kernel; it masks by itself (no margin: None).
+      out_BxTxHxK, a0_BxTxH, margin_BxTxH = attention.dot_product_attention(
+          q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, zero_key_HxK,
+          None if cache is None else positions_BxT,
+          attention.fused_implementation(q_BxTxHxK.dtype))
+    else:
+      groups = self.cfg.n_heads // self.cfg.resolved_kv_heads
+      if groups > 1:
+        k_BxTxGxK, v_BxTxGxK = (jnp.repeat(a, groups, axis=2)
+                                for a in (k_BxTxGxK, v_BxTxGxK))
+      out_BxTxHxK, a0_BxTxH, margin_BxTxH = attention.zero_token_attention(
+          q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, zero_key_HxK)
     zero = None if a0_BxTxH is None else ZeroStats(
         a0_BxTxH, attention.zero_log_weight(a0_BxTxH, mask_BxTxS),
         margin_BxTxH)

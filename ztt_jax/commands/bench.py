@@ -3,11 +3,15 @@
     ztt-bench --config=configs/shakespeare_char.py:ztt
     ztt-bench --config=configs/shakespeare_char.py:ztt \\
         --baseline=head_tail_cycle --compile_cycles=2,8
+    ztt-bench --config=configs/shakespeare_char.py:ztt \\
+        --config.model.attention=dot_product --attention_baseline=xla
 
 Times the config's train step on random tokens (no data is read) and prints
 one JSON object; with --baseline also that variant (and ztt without exit
-heads) and the step-time ratios; with --compile_cycles the compile time at
-each cycle count. Runs `bench.compare`; bench.py explains the numbers.
+heads) and the step-time ratios; with --attention_baseline also the config
+with that model.attention and the step-time and memory ratios; with
+--compile_cycles the compile time at each cycle count. Runs `bench.compare`;
+bench.py explains the numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ class Options:
   baseline: str = common.flag(
       '', 'Also measure this variant (e.g. head_tail_cycle) and report the '
       'step-time ratio.', metavar='VARIANT')
+  attention_baseline: str = common.flag(
+      '', 'Also measure the config with this model.attention (xla or '
+      'dot_product) and report the step-time and memory ratios.',
+      metavar='ATTENTION')
   compile_cycles: str = common.flag(
       '', 'Also compile at these cycle counts (e.g. 2,8) and report the '
       'compile-time ratio.', metavar='C1,C2,...')
@@ -48,7 +56,8 @@ def _bench(options: Options, overrides: dict[str, str]) -> None:
   from ztt_jax import bench, configlib  # pylint: disable=g-import-not-at-top
   config = configlib.override(configlib.from_file(options.config), overrides)
   result = bench.compare(config, options.steps, options.warmup,
-                         options.baseline, cycles)
+                         options.baseline, cycles,
+                         options.attention_baseline)
   print(json.dumps(result), flush=True)
 
 

@@ -68,8 +68,8 @@ config overrides:
   where the run's data.path does not resolve from here:
     {prog} --workdir=runs/demo --config.data.path=/data/corpus.txt
   VALUE is read as the field's type. Every field: ztt_jax/configlib.py. Of
-  config.model only dtype, remat_policy and dropout may change (the rest
-  shapes the params).
+  config.model only dtype, remat_policy, dropout and attention may change
+  (the rest shapes the params).
 """,
 }
 
