@@ -15,6 +15,7 @@ import fair  # pylint: disable=g-import-not-at-top,wrong-import-position
 import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 import position  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+import roofline  # pylint: disable=g-import-not-at-top,wrong-import-position
 import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
 import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -234,3 +235,38 @@ def test_fair_ztt_runs_pin_their_readings():
       assert 'model.gate' not in given, run.name
   assert dict(fair.by_name('abl_gate_scalar').overrides)['model.gate'] == (
       'scalar')
+
+
+def test_roofline_table_from_a_saved_report(tmp_path, capsys):
+  """A saved row is not compiled again; the table's per-chip tokens/s is
+  the global batch over the roofline step time over the chips."""
+  row = roofline.by_name('125m_v5e-4x4_ga4')
+  assert row.command()[1:] == ['--config=configs/budget.py:125m',
+                               '--topology=v5e:4x4',
+                               '--config.train.grad_accum_steps=4']
+  report = {'row': row.name, 'topology': 'v5e:4x4', 'chips': 16,
+            'batch_size': 256, 'seq_len': 2048, 'fits': True,
+            'per_device_bytes': 8 << 30, 'hbm_bytes': 16 << 30,
+            'flops': 3.5e12, 'model_flops_per_device': 6.4e13,
+            'bytes_accessed': 88 * (1 << 30), 'roofline_step_s': 0.25,
+            'hbm_bytes_per_s_per_device': 88 * (1 << 30) / 0.125,
+            'roofline_bound': 'compute', 'mfu_upper_bound': 1.0,
+            'compile_s': 80.0}
+  with open(roofline.json_path(row, str(tmp_path)), 'w',
+            encoding='utf-8') as f:
+    json.dump(report, f)
+  assert roofline.run_row(row, str(tmp_path)) == report  # No compile.
+  assert roofline.tokens_per_s_per_chip(report) == 256 * 2048 / 0.25 / 16
+  assert roofline.tokens_per_s_per_chip(
+      dict(report, roofline_step_s=None)) is None
+  roofline.main(['--table-only', f'--out={tmp_path}', row.name])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 3 and lines[1].startswith('|---')
+  cells = [c.strip() for c in lines[2].strip('|').split('|')]
+  assert cells == ['125m', 'v5e:4x4 (16)',
+                   '`--config.train.grad_accum_steps=4`', 'yes', '8.00 of 16',
+                   '3.5e+12', '6.4e+13', '88.0', '0.125', '0.250', 'compute',
+                   '100%',
+                   '131,072', '80.0']
+  assert roofline.last_json('noise\n{"a": 1}\n') == {'a': 1}
+  assert roofline.last_json('no report') is None
