@@ -364,8 +364,10 @@ def write_report(out: str, docs: str, summary_path: str) -> str:
   n_all = len(fair.schedule())
   n_timed, hours = wall_hours(out)
   timing = (f'the {n_timed} runs that recorded their wall time took {hours:.1f} '
-            f'hours one after another, {hours / 2:.1f} two at a time on 2 cores '
-            '(some beside other work)' if n_timed else 'no wall times recorded')
+            f'hours one after another, {hours / 2:.1f} two at a time on 2 cores, '
+            'most of them beside other work; at that mean the '
+            f'{n_all} runs take about {hours / n_timed * n_all / 2:.0f} hours '
+            'two at a time' if n_timed else 'no wall times recorded')
   notes = ''
   if os.path.exists(NOTES):
     with open(NOTES, encoding='utf-8') as f:
