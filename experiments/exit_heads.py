@@ -139,16 +139,17 @@ def main() -> None:
   if not os.path.isfile(data):
     sys.exit(f'exit_heads.py: error: --data={args.data}: no such file; pass '
              'the tinyshakespeare text')
+  if args.bench:
+    key, value = 'speed', speed(data)
+  else:
+    key, value = 'val_loss', train(data, os.path.abspath(args.out), args.jobs)
   path = os.path.join(REPO, 'docs', 'results', 'exit_heads.json')
-  try:
+  try:  # Read now: the other mode may have written since this one started.
     with open(path, encoding='utf-8') as f:
       saved = json.load(f)
   except OSError:
     saved = {}
-  if args.bench:
-    saved['speed'] = speed(data)
-  else:
-    saved['val_loss'] = train(data, os.path.abspath(args.out), args.jobs)
+  saved[key] = value
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(saved, f, indent=1)
   print(f'wrote {path}')
