@@ -36,12 +36,13 @@ from ztt_jax import metrics, train
 from ztt_jax.commands import train as train_command
 
 class EveryProcessWriter(metrics.MetricWriter):
-  def __init__(self, workdir, total_steps, enabled=True, stream=None):
+  def __init__(self, workdir, total_steps, enabled=True, stream=None,
+               config=None):
     index = jax.process_index()
     if index:
       workdir = os.path.join(workdir, f'process_{index}')
       os.makedirs(workdir, exist_ok=True)
-    super().__init__(workdir, total_steps, True, stream)
+    super().__init__(workdir, total_steps, True, stream, config)
 
 train.metrics_lib.MetricWriter = EveryProcessWriter
 if os.environ.get('ZTT_TEST_STOP_AT'):  # train(stop_at=...), as if stopped.
