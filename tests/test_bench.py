@@ -52,7 +52,7 @@ def test_bench_numbers_are_consistent():
       model.abstract_params(model.build(cfg)))
 
 
-@pytest.mark.slow(45)
+@pytest.mark.slow(22)
 def test_compare_reports_ratios_and_targets():
   config = tiny.get_config('ztt')
   r = bench.compare(config, steps=1, warmup=0, baseline='head_tail_cycle',

@@ -195,6 +195,7 @@ def test_zero_keys_point_against_the_mean_query():
 
 
 @pytest.mark.parametrize('kind', ['gpt2', 'llama'])
+@pytest.mark.slow(35)
 def test_convert_to_ztt_and_fine_tune(kind, hf_dirs, tmp_path):
   out = tmp_path / 'ztt'
   report = convert.convert(hf_dirs(kind), out, variant='ztt', n_mid_layers=2,

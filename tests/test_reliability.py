@@ -55,7 +55,7 @@ def subprocess_env(tmp_path):
           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
 
 
-@pytest.mark.slow(40)
+@pytest.mark.slow(45)
 def test_random_kill_9_then_resume_is_exact(tmp_path, capsys):
   """One kill after a logged step, one while an async save is written; the
   restarts reuse this session's compiled programs (conftest's cache)."""
@@ -102,7 +102,7 @@ def test_crash_loop_tells_landed_kills_and_cut_saves_from_misses(tmp_path):
   assert not kill.landed and not kill.seen
 
 
-@pytest.mark.slow(40)
+@pytest.mark.slow(45)
 def test_sigterm_saves_then_the_next_start_continues(tmp_path, corpus):
   workdir = tmp_path / 'run'
   cmd = crash_loop.train_command(str(workdir), corpus, 100_000)
@@ -133,6 +133,7 @@ def test_sigterm_saves_then_the_next_start_continues(tmp_path, corpus):
   assert first_new['step'] == step + 1
 
 
+@pytest.mark.slow(20)
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, corpus):
   config = config_for(corpus, steps=9)
   train.train(config, str(tmp_path / 'straight'))

@@ -89,7 +89,7 @@ def forced_cpu_env(n_devices: int, tmp_path) -> dict[str, str]:
               tempfile.gettempdir(), f'ztt_jax_test_xla_cache_{os.getuid()}')}
 
 
-@pytest.mark.slow(60)
+@pytest.mark.slow(25)
 def test_meshes_train_like_one_device_with_sharded_state(tmp_path, corpus):
   result = subprocess.run(
       [sys.executable, '-c', _SCRIPT, corpus, str(tmp_path / 'run')],

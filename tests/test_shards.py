@@ -260,7 +260,7 @@ def _losses(workdir) -> dict[int, float]:
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
-@pytest.mark.slow(20)
+@pytest.mark.slow(22)
 def test_train_from_prepared_dir_resumes_exactly(tmp_path):
   output = _prepare(tmp_path, tokenizer='char')
   config = tiny.get_config('ztt')

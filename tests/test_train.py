@@ -67,7 +67,7 @@ def test_tiny_config_trains_on_shakespeare(tmp_path):
   assert [r['fixed_cycles'] for r in summary['early_exit'][:3]] == [1, 2, 3]
 
 
-@pytest.mark.slow(20)
+@pytest.mark.slow(18)
 def test_resume_gives_the_same_losses(tmp_path, corpus):
   config = small_config(corpus)
   train.train(config, str(tmp_path / 'straight'))
@@ -85,6 +85,7 @@ def test_resume_gives_the_same_losses(tmp_path, corpus):
   chex.assert_trees_all_equal(p1, p2)
 
 
+@pytest.mark.slow(16)
 def test_load_gives_a_working_model(tmp_path, corpus):
   config = small_config(corpus, steps=3)
   train.train(config, str(tmp_path / 'run'))
