@@ -54,8 +54,8 @@ def final_val_loss(path: str) -> float:
 
 def train(data: str, out: str, jobs: int) -> dict:
   todo = []
-  for name, flags in RUNS.items():
-    for seed in SEEDS:
+  for seed in SEEDS:  # Seed by seed: a stopped study still pairs its runs.
+    for name, flags in RUNS.items():
       path = run_all.workdir(out, name, seed)
       if not run_all.finished(path, STEPS):
         todo.append((f'{name} seed {seed}', [
