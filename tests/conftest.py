@@ -25,7 +25,9 @@ def pytest_collection_modifyitems(items):
   with s a rough duration in seconds on 2 cores). Under `pytest -n 2`
   xdist hands the first tests out one at a time, alternating between the
   workers, so the long end-to-end runs are spread over both workers at the
-  start instead of leaving one worker alone with them at the end."""
+  start. (Measured on 2 cores: no change to the suite's time against the
+  collected order, 339 s against 338 s; kept so that a new long test cannot
+  land last on one worker.)"""
   def rank(item):
     mark = item.get_closest_marker('slow')
     if mark is None:
