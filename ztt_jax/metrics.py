@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ztt_jax import tokenizers
 from ztt_jax.errors import ConfigError
 
 # The W&B run of a workdir, so that a resumed run logs into the same one.
@@ -105,9 +106,7 @@ def wandb_run_id(workdir: str) -> str:
       return run_id
   alphabet = string.ascii_lowercase + string.digits
   run_id = ''.join(secrets.choice(alphabet) for _ in range(12))
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    f.write(run_id + '\n')
-  os.replace(path + '.tmp', path)
+  tokenizers.atomic_write_bytes(path, (run_id + '\n').encode())
   return run_id
 
 
