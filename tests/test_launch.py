@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 
 import pytest
 
@@ -202,8 +201,7 @@ def test_shellcheck():
 
 
 def sweep(*args: str, cwd=REPO):
-  cache = os.path.join(tempfile.gettempdir(),
-                       f'ztt_jax_test_xla_cache_{os.getuid()}')
+  cache = os.environ['ZTT_TEST_XLA_CACHE']
   return subprocess.run([sys.executable, str(LAUNCH / 'sweep.py'), *args],
                         capture_output=True, text=True, cwd=cwd, timeout=600,
                         env={**os.environ, 'PYTHONPATH': str(REPO),

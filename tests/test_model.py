@@ -451,4 +451,4 @@ def test_detached_exit_heads_train_only_the_tail_and_lm_head():
   assert norm(early_detach['tail']) > 0
   last_full, last_detach = grads(full, -1), grads(detach, -1)
   for a, b in zip(jax.tree.leaves(last_full), jax.tree.leaves(last_detach)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # f32 rounding.

@@ -8,7 +8,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import chex
@@ -75,9 +74,8 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   overrides = [f'--config.{k}={v}' for k, v in settings(corpus).items()]
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'PYTHON': sys.executable,
          'ZTT_CACHE_DIR': str(tmp_path / 'cache'),
-         'JAX_COMPILATION_CACHE_DIR': os.path.join(
-             tempfile.gettempdir(), f'ztt_jax_test_xla_cache_{os.getuid()}')}
-  env.pop('XLA_FLAGS', None)
+         'JAX_COMPILATION_CACHE_DIR': os.environ['ZTT_TEST_XLA_CACHE']}
+  env['XLA_FLAGS'] = os.environ['ZTT_TEST_XLA_FLAGS']  # No device count.
   # mesh fsdp=4 over the 4 devices of both processes: every parameter is
   # split across the two processes (devices are laid out in process order,
   # so with data=2 x fsdp=2 the fsdp halves would stay inside a process).
@@ -209,9 +207,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
        '--config.mesh.data=2', *overrides])
   env = {**os.environ, 'PYTHONPATH': str(REPO),
          'ZTT_CACHE_DIR': str(tmp_path / 'cache'),
-         'JAX_COMPILATION_CACHE_DIR': os.path.join(
-             tempfile.gettempdir(), f'ztt_jax_test_xla_cache_{os.getuid()}')}
-  env.pop('XLA_FLAGS', None)
+         'JAX_COMPILATION_CACHE_DIR': os.environ['ZTT_TEST_XLA_CACHE']}
+  env['XLA_FLAGS'] = os.environ['ZTT_TEST_XLA_FLAGS']  # No device count.
 
   def start(extra_env=None):
     return [subprocess.Popen(cmd, env={**env, **(extra_env or {})}, cwd=REPO,
@@ -338,7 +335,7 @@ def run_rows_driver(tmp_path, num_processes, devices_per_process, meshes):
        f'--program={sys.executable} {driver}'], devices_per_process)
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'ZTT_TEST_OUT': str(tmp_path),
          'ZTT_TEST_MESHES': json.dumps(meshes)}
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = os.environ['ZTT_TEST_XLA_FLAGS']  # No device count.
   procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
            for cmd in commands]

@@ -5,7 +5,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -82,11 +81,11 @@ print('RESULT ' + json.dumps(out))
 def forced_cpu_env(n_devices: int, tmp_path) -> dict[str, str]:
   """Environment for a subprocess with `n_devices` CPU devices."""
   return {**os.environ, 'JAX_PLATFORMS': 'cpu',
-          'XLA_FLAGS': f'--xla_force_host_platform_device_count={n_devices}',
+          'XLA_FLAGS': f'--xla_force_host_platform_device_count={n_devices} '
+                       + os.environ['ZTT_TEST_XLA_FLAGS'],
           'ZTT_CACHE_DIR': str(tmp_path / 'cache'),
           'PYTHONPATH': str(REPO),
-          'JAX_COMPILATION_CACHE_DIR': os.path.join(
-              tempfile.gettempdir(), f'ztt_jax_test_xla_cache_{os.getuid()}')}
+          'JAX_COMPILATION_CACHE_DIR': os.environ['ZTT_TEST_XLA_CACHE']}
 
 
 @pytest.mark.slow(25)
