@@ -132,6 +132,22 @@ class WandbWriter:
     self.run.finish()
 
 
+def _tensorboardx():
+  """tensorboardX, imported without torch. Where torch is installed,
+  tensorboardX imports it at once (1.2 s of every start) only to recognise
+  torch tensors, which we never pass it."""
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    return tensorboardX
+  sys.modules['torch'] = None  # Makes `import torch` raise ImportError.
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    import tensorboardX.summary  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
 class MetricWriter:
   """Writes `WORKDIR/metrics.jsonl`, `WORKDIR/tb`, W&B and the console.
 
@@ -153,8 +169,7 @@ class MetricWriter:
     if enabled:
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a',
                          encoding='utf-8')
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self._tb = _tensorboardx().SummaryWriter(os.path.join(workdir, 'tb'))
       if config is not None:
         self._write_config(config)
         if config.train.get('wandb_project', ''):
@@ -165,8 +180,8 @@ class MetricWriter:
     plugin per run (no experiment record, so TensorBoard builds the
     comparison table from all the runs under its --logdir, the metrics
     from their scalars), and the text table."""
-    from tensorboardX import summary  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-    _, session_start, _ = summary.hparams(flat_config(config), {})
+    _, session_start, _ = _tensorboardx().summary.hparams(
+        flat_config(config), {})
     self._tb.file_writer.add_summary(session_start)
     self._tb.add_text('config', config_markdown(config))
     self._tb.flush()

@@ -187,19 +187,22 @@ class Setup:
     self.tx, self.schedule = optim.make_optimizer(config.train)
 
   def init_state(self, rng):
-    params = nn.meta.unbox(self._boxed_params(rng))
-    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+    return self._boxed_params_and_state(rng)[1]
 
-  def _boxed_params(self, rng):
+  def _boxed_params_and_state(self, rng):
+    """The params with their logical axes, and the fresh train state."""
     tokens_1xT = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
-    return self.module.init(rng, tokens_1xT)['params']
+    boxed = self.module.init(rng, tokens_1xT)['params']
+    params = nn.meta.unbox(boxed)
+    return boxed, TrainState(jnp.zeros((), jnp.int32), params,
+                             self.tx.init(params))
 
   def state_shardings(self):
-    """Logical specs -> shardings for params and the optimizer's moments."""
-    rng = jax.random.key(0)
-    param_specs = nn.get_partition_spec(jax.eval_shape(self._boxed_params,
-                                                       rng))
-    abstract = jax.eval_shape(self.init_state, rng)
+    """Logical specs -> shardings for params and the optimizer's moments
+    (one trace of the model gives both the specs and the state's shapes)."""
+    boxed, abstract = jax.eval_shape(self._boxed_params_and_state,
+                                     jax.random.key(0))
+    param_specs = nn.get_partition_spec(boxed)
     opt_specs = optax.tree_map_params(
         self.tx, lambda _, spec: spec, abstract.opt_state, param_specs,
         transform_non_params=lambda _: jax.sharding.PartitionSpec())
