@@ -360,8 +360,11 @@ def write_report(out: str, docs: str, summary_path: str) -> str:
                   os.path.join(fig_dir, 'fair_early_exit.png'))
   plot_early_exit(out, 'abl_gate_scalar', fair.EARLY_EXIT['abl_gate_scalar'],
                   os.path.join(fig_dir, 'fair_early_exit_scalar_gate.png'))
-  n_done = sum(len(r['seeds']) for r in summ['runs'])
-  n_all = len(fair.schedule())
+  found = {(r['name'], seed) for r in summ['runs'] for seed in r['seeds']}
+  scheduled = {(run.name, seed) for run, seed in fair.schedule()}
+  n_done, n_all = len(found & scheduled), len(scheduled)
+  n_extra = len(found - scheduled)
+  extra = (f', and {n_extra} more seeds of ablations' if n_extra else '')
   n_timed, hours = wall_hours(out)
   timing = (f'the {n_timed} runs that recorded their wall time took {hours:.1f} '
             f'hours one after another, {hours / 2:.1f} two at a time on 2 cores, '
@@ -379,8 +382,8 @@ def write_report(out: str, docs: str, summary_path: str) -> str:
 
 Regenerate everything below with one command, resumably (trains whatever is
 missing, runs the ztt-eval sweeps, writes `docs/results/summary.json` and
-this file; {n_done} of {n_all} (run, seed) pairs found when this copy was
-written; {timing}):
+this file; {n_done} of the {n_all} (run, seed) pairs it schedules found
+when this copy was written{extra}; {timing}):
 
 ```bash
 python experiments/run_all.py --study=fair
