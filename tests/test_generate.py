@@ -18,12 +18,17 @@ B, T, V = 2, 10, 48
 ATOL = 2e-5
 
 
+@functools.lru_cache(maxsize=None)
+def _abstract_params(cfg):
+  return model.abstract_params(model.build(cfg))
+
+
 def make(variant='ztt', **overrides):
   m = tiny.get_config(variant).model
   m.update(vocab_size=V, **overrides)
   cfg = model.ModelConfig.from_config(m)
   rng = np.random.default_rng(0)
-  abstract = model.abstract_params(model.build(cfg))
+  abstract = _abstract_params(cfg)
   params = jax.tree_util.tree_map_with_path(
       lambda path, a: jnp.asarray(
           ('scale' in str(path)) + 0.3 * rng.standard_normal(a.shape),

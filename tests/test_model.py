@@ -28,16 +28,32 @@ def tokens(seed=1):
   return jax.random.randint(jax.random.key(seed), (B, T), 0, V)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(cfg, kwargs):
+  return jax.jit(functools.partial(model.build(cfg).apply, **dict(kwargs)))
+
+
 def apply(cfg, params, tokens_BxT, **kwargs):
-  return jax.jit(functools.partial(model.build(cfg).apply, **kwargs))(
-      {'params': params}, tokens_BxT)
+  """The model's apply under jit; one jitted function per (config, kwargs),
+  so tests that apply one config again reuse its trace."""
+  key = tuple(sorted(kwargs.items()))
+  try:
+    fn = _jitted_apply(cfg, key)
+  except TypeError:  # An unhashable argument (a list): no reuse.
+    fn = jax.jit(functools.partial(model.build(cfg).apply, **kwargs))
+  return fn({'params': params}, tokens_BxT)
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_params(cfg):
+  return model.abstract_params(model.build(cfg))
 
 
 def random_params(cfg, seed=0):
   """Random params of the right tree (no init compile: fast, and unlike the
   init they have non-zero gate weights and non-unit norm scales)."""
   rng = np.random.default_rng(seed)
-  abstract = model.abstract_params(model.build(cfg))
+  abstract = abstract_params(cfg)
   return jax.tree_util.tree_map_with_path(
       lambda path, a: jnp.asarray(
           ('scale' in str(path)) + 0.2 * rng.standard_normal(a.shape),
@@ -52,7 +68,7 @@ def init_apply(cfg, tokens_BxT=None, seed=0):
 
 
 def count(cfg):
-  return model.count_params(model.abstract_params(model.build(cfg)))
+  return model.count_params(abstract_params(cfg))
 
 
 ALL_SETTINGS = (
