@@ -1,5 +1,6 @@
 """Cached decoding, early exit and sampling against the full forward pass."""
 
+import collections
 import dataclasses
 import functools
 
@@ -236,6 +237,29 @@ def test_sampling_is_reproducible_and_seeded():
                              jax.random.key(0)).tokens_BxN
   np.testing.assert_array_equal(run(3, top_k=1), greedy)
   np.testing.assert_array_equal(run(4, top_p=1e-6), greedy)
+
+
+def test_generate_compiles_once_per_shape_and_setting(monkeypatch):
+  monkeypatch.setattr(generate, '_COMPILED', collections.OrderedDict())
+  net, params = make('ztt')
+  run = lambda prompt, n=4, seed=0: generate.generate(
+      net, params, [np.array(prompt)], n, jax.random.key(seed),
+      temperature=1.0)
+  first, again = run([1, 2]), run([1, 2])
+  assert len(generate._COMPILED) == 1
+  assert again.compile_s < first.compile_s / 10, (first, again)
+  np.testing.assert_array_equal(first.tokens_BxN, again.tokens_BxN)
+  # Another seed reuses the program; another prompt length, max_new_tokens
+  # or model compiles its own.
+  assert not np.array_equal(run([1, 2], seed=1).tokens_BxN, first.tokens_BxN)
+  assert len(generate._COMPILED) == 1
+  run([1, 2, 3])
+  run([1, 2], n=5)
+  assert len(generate._COMPILED) == 3
+  other, other_params = make('head_tail_cycle')
+  generate.generate(other, other_params, [np.array([1, 2])], 4,
+                    jax.random.key(0), temperature=1.0)
+  assert len(generate._COMPILED) == 4
 
 
 def test_end_token_stops_a_row():
