@@ -40,7 +40,7 @@ def apply(cfg, params, tokens_BxT, **kwargs):
   try:
     fn = _jitted_apply(cfg, key)
   except TypeError:  # An unhashable argument (a list): no reuse.
-    fn = jax.jit(functools.partial(model.build(cfg).apply, **kwargs))
+    fn = _jitted_apply.__wrapped__(cfg, key)
   return fn({'params': params}, tokens_BxT)
 
 

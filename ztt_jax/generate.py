@@ -244,8 +244,7 @@ def _compiled_generate(module, args, statics):
   and reports `compile_s` as the time of the lookup."""
   leaves, treedef = jax.tree.flatten(args)
   key = (module, tuple(sorted(statics.items())), treedef, tuple(
-      (np.shape(a), getattr(a, 'dtype', None) or np.result_type(a),
-       getattr(a, 'sharding', None)) for a in leaves))
+      (a.shape, a.dtype, getattr(a, 'sharding', None)) for a in leaves))
   compiled = _COMPILED.get(key)
   if compiled is None:
     compiled = _generate.lower(module, *args, **statics).compile()
