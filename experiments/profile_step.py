@@ -36,12 +36,11 @@ def profile(variant: str, overrides: list[str]) -> str:
   config = configlib.override(config, dict(
       item.removeprefix('--config.').split('=', 1) for item in overrides))
   setup = train.Setup(config, None)
-  step_fn, _, shardings, _ = setup.jit_train_step()
+  step_fn, _, _, _ = setup.jit_train_step()
   b, t = config.train.batch_size, config.data.seq_len
   trace_dir = tempfile.mkdtemp(prefix='ztt_profile_')
   with setup.context():
-    state = jax.jit(setup.init_state, out_shardings=shardings)(
-        jax.random.key(0))
+    state = setup.jit_init()(jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (b, t + 1), 0, 65)
     batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
     for _ in range(3):

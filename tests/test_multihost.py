@@ -113,8 +113,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   dataset = data.make_train_dataset(setup.corpus.train_N, 16, 8, config.seed)
   single_losses = []
   with setup.context():
-    state = jax.jit(setup.init_state, out_shardings=shardings)(
-        jax.random.key(config.seed))
+    state = setup.jit_init()(jax.random.key(config.seed))
     for step in range(STEPS):
       state, metrics = step_fn(
           state, data.to_global_batch(dataset[step], batch_sharding))
@@ -179,8 +178,7 @@ def single_process_run(config, tmp_path, steps):
                                     config.train.batch_size, config.seed)
   result, params = [], {}
   with setup.context():
-    state = jax.jit(setup.init_state, out_shardings=shardings)(
-        jax.random.key(config.seed))
+    state = setup.jit_init()(jax.random.key(config.seed))
     for step in range(steps):
       state, metrics = step_fn(
           state, data.to_global_batch(dataset[step], batch_sharding))
@@ -218,7 +216,14 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
                              text=True) for cmd in commands]
 
   def finish(procs):
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    deadline = time.time() + 300
+    try:
+      outs = [p.communicate(timeout=max(1, deadline - time.time()))[0]
+              for p in procs]
+    except subprocess.TimeoutExpired:  # Fail with what each one printed.
+      for p in procs:
+        p.kill()
+      pytest.fail(f'a process hung: {[p.communicate()[0] for p in procs]}')
     return [p.returncode for p in procs], outs
 
   procs = start()

@@ -42,8 +42,7 @@ def run(mesh, devices, corpus, workdir, init=None):
   losses = []
   with setup.context():
     if init is None:  # (What train.train does.)
-      state = jax.jit(setup.init_state, out_shardings=shardings)(
-          jax.random.key(config.seed))
+      state = setup.jit_init()(jax.random.key(config.seed))
       init = jax.device_get(state)
     else:  # The same initial state, placed on this mesh (no re-init compile).
       state = jax.device_put(init, shardings)

@@ -210,7 +210,9 @@ def aot_compile(config: ml_collections.ConfigDict, devices,
     params, batch, seconds).
   """
   setup = train.Setup(config, None, devices=devices)
-  step_fn, abstract, shardings, batch_sharding = setup.jit_train_step()
+  # A new jitted step (reuse=False): the compile is timed.
+  step_fn, abstract, shardings, batch_sharding = setup.jit_train_step(
+      reuse=False)
   cfg = setup.config
   batch_size, seq_len = cfg.train.batch_size, cfg.data.seq_len
   batch = {name: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,

@@ -14,9 +14,11 @@ a resumed run takes exactly the steps an uninterrupted one would.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import signal
 import threading
@@ -152,6 +154,32 @@ def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
   return train_step
 
 
+def _boxed_params_and_state(module, tx, seq_len: int, rng):
+  """The params with their logical axes, and the fresh train state."""
+  tokens_1xT = jnp.zeros((1, seq_len), jnp.int32)
+  boxed = module.init(rng, tokens_1xT)['params']
+  params = nn.meta.unbox(boxed)
+  return boxed, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def _init_state(module, tx, seq_len: int, rng):
+  return _boxed_params_and_state(module, tx, seq_len, rng)[1]
+
+
+# Jitted programs and shardings of the last setups built in this process, by
+# `Setup._programs_key`: a second `train` with the same model, optimizer and
+# mesh (a resumed or restarted run, an in-process sweep, the tests) traces
+# and compiles nothing again.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_MAX = 16
+# `config.train` fields the loop reads on the host only (`nan_policy` picks
+# the step's signature, which is part of the program's name).
+_HOST_ONLY_TRAIN_FIELDS = frozenset({
+    'log_every_steps', 'eval_every_steps', 'eval_batches', 'peak_flops',
+    'nan_policy', 'profile_steps', 'wandb_project', 'wandb_entity',
+    'wandb_name'})
+
+
 class Setup:
   """Everything the loop needs, built from a config: model, mesh, data.
 
@@ -187,21 +215,43 @@ class Setup:
     self.tx, self.schedule = optim.make_optimizer(config.train)
 
   def init_state(self, rng):
-    return self._boxed_params_and_state(rng)[1]
+    return _boxed_params_and_state(self.module, self.tx,
+                                   self.config.data.seq_len, rng)[1]
 
-  def _boxed_params_and_state(self, rng):
-    """The params with their logical axes, and the fresh train state."""
-    tokens_1xT = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
-    boxed = self.module.init(rng, tokens_1xT)['params']
-    params = nn.meta.unbox(boxed)
-    return boxed, TrainState(jnp.zeros((), jnp.int32), params,
-                             self.tx.init(params))
+  def _programs_key(self):
+    """What the programs are built from: the model, optimizer, seed, batch
+    shape and layout (the config less its data, checkpoint, sample and
+    logging settings) and the mesh."""
+    c = self.config
+    train_cfg = {k: v for k, v in c.train.to_dict().items()
+                 if k not in _HOST_ONLY_TRAIN_FIELDS}
+    built_from = {'model': c.model.to_dict(), 'train': train_cfg,
+                  'sharding': c.sharding.to_dict(), 'seed': c.seed,
+                  'seq_len': c.data.seq_len}
+    return (json.dumps(built_from, sort_keys=True, default=repr), self.mesh)
+
+  def _reused(self, name, build, reuse: bool = True):
+    """`build()`, or what it returned for an equal setup before in this
+    process (`_PROGRAMS`): the program is traced and compiled once."""
+    if not reuse:
+      return build()
+    key = (name, self._programs_key())
+    if key not in _PROGRAMS:
+      _PROGRAMS[key] = build()
+      while len(_PROGRAMS) > _PROGRAMS_MAX:
+        _PROGRAMS.popitem(last=False)
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
 
   def state_shardings(self):
     """Logical specs -> shardings for params and the optimizer's moments
     (one trace of the model gives both the specs and the state's shapes)."""
-    boxed, abstract = jax.eval_shape(self._boxed_params_and_state,
-                                     jax.random.key(0))
+    return self._reused('state_shardings', self._state_shardings)
+
+  def _state_shardings(self):
+    boxed, abstract = jax.eval_shape(
+        functools.partial(_boxed_params_and_state, self.module, self.tx,
+                          self.config.data.seq_len), jax.random.key(0))
     param_specs = nn.get_partition_spec(boxed)
     opt_specs = optax.tree_map_params(
         self.tx, lambda _, spec: spec, abstract.opt_state, param_specs,
@@ -210,25 +260,54 @@ class Setup:
     return abstract, sharding.state_shardings(specs, abstract, self.mesh,
                                               self.rules)
 
-  def jit_train_step(self, stop_on_nonfinite: bool = False):
+  def jit_init(self):
+    """`init_state(rng)` under `jax.jit`, giving the state already sharded
+    (no full copy on any one device)."""
+    _, shardings = self.state_shardings()
+    return self._reused('init', lambda: jax.jit(
+        functools.partial(_init_state, self.module, self.tx,
+                          self.config.data.seq_len),
+        out_shardings=shardings))
+
+  def jit_train_step(self, stop_on_nonfinite: bool = False,
+                     reuse: bool = True):
     """The sharded train step under `jax.jit` (state donated), with the
     abstract state and the state and batch shardings it takes.
 
     With `stop_on_nonfinite` it takes and reports the `healthy` flag too
-    (`make_train_step`; what `train.nan_policy=stop` runs).
+    (`make_train_step`; what `train.nan_policy=stop` runs). By default an
+    equal setup earlier in this process gives its jitted step, already
+    traced and compiled; `reuse=False` builds a new one (what timing the
+    compile needs).
     """
     abstract, shardings = self.state_shardings()
     batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     replicated = sharding.replicated(self.mesh)
-    step_fn = jax.jit(
-        make_train_step(self.module, self.model_cfg, self.tx, self.schedule,
-                        self.config.train.grad_accum_steps, self.config.seed,
-                        self.config.train.inject_nan_at_step),
-        in_shardings=(shardings, batch_sharding)
-        + ((replicated,) if stop_on_nonfinite else ()),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0)
+
+    def build():
+      return jax.jit(
+          make_train_step(self.module, self.model_cfg, self.tx, self.schedule,
+                          self.config.train.grad_accum_steps,
+                          self.config.seed,
+                          self.config.train.inject_nan_at_step),
+          in_shardings=(shardings, batch_sharding)
+          + ((replicated,) if stop_on_nonfinite else ()),
+          out_shardings=(shardings, replicated),
+          donate_argnums=0)
+
+    step_fn = self._reused(f'train_step(stop={stop_on_nonfinite})', build,
+                           reuse)
     return step_fn, abstract, shardings, batch_sharding
+
+  def jit_eval(self):
+    """`evaluate.eval_outputs(params, batch)` under `jax.jit`, sharded as
+    the train step's params and batches, its outputs replicated."""
+    _, shardings = self.state_shardings()
+    return self._reused('eval', lambda: jax.jit(
+        functools.partial(evaluate.eval_outputs, self.module),
+        in_shardings=(shardings.params,
+                      sharding.batch_sharding(self.mesh, self.rules)),
+        out_shardings=sharding.replicated(self.mesh)))
 
   @contextlib.contextmanager
   def context(self):
@@ -264,9 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
 
   step_fn, abstract, shardings, batch_sharding = setup.jit_train_step(
       stop_on_nonfinite=t.nan_policy == 'stop')
-  eval_fn = jax.jit(functools.partial(evaluate.eval_outputs, module),
-                    in_shardings=(shardings.params, batch_sharding),
-                    out_shardings=sharding.replicated(setup.mesh))
+  eval_fn = setup.jit_eval()
 
   # This process's rows of every batch: those its devices hold.
   rows_R = sharding.process_rows(batch_sharding,
@@ -305,8 +382,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
       writer.print(f'initialised params from {config.init_from}')
     elif state is None:
       # Initialised already sharded: no full copy on any one device.
-      state = jax.jit(setup.init_state, out_shardings=shardings)(
-          jax.random.key(config.seed))
+      state = setup.jit_init()(jax.random.key(config.seed))
 
     eval_set = [
         data.to_global_batch({k: v[rows_R] for k, v in b.items()},
