@@ -12,7 +12,6 @@ import time
 
 import chex
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -79,11 +78,17 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   # mesh fsdp=4 over the 4 devices of both processes: every parameter is
   # split across the two processes (devices are laid out in process order,
   # so with data=2 x fsdp=2 the fsdp halves would stay inside a process).
+  # The run is set for STEPS + 2 steps and stopped after STEPS (as if
+  # interrupted, with a checkpoint), so that the one-process resume below
+  # continues the same schedule, and the reference steps here and the
+  # resume share one compiled step.
+  env['ZTT_TEST_STOP_AT'] = str(STEPS)
   result = subprocess.run(
       ['bash', str(REPO / 'launch' / 'multiprocess_cpu.sh'),
        f'--program={sys.executable} {driver}',
        f'--config={REPO}/configs/tiny.py', f'--workdir={workdir}',
-       '--config.mesh.data=1', '--config.mesh.fsdp=4', *overrides],
+       '--config.mesh.data=1', '--config.mesh.fsdp=4', *overrides,
+       f'--config.train.steps={STEPS + 2}'],
       capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}, 4 device(s)" in (
@@ -107,6 +112,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   for dotted, value in settings(corpus).items():
     section, name = dotted.split('.')
     config[section][name] = value
+  config.train.steps = STEPS + 2
   setup = train.Setup(config, str(tmp_path / 'single'),
                       devices=jax.devices()[:1])
   step_fn, _, shardings, batch_sharding = setup.jit_train_step()
@@ -125,7 +131,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   # holds the parameters the single process reached.
   assert sorted(os.listdir(workdir / 'checkpoints')) == [str(STEPS)]
   module, params, saved = ztt_jax.load(workdir)
-  assert saved.train.steps == STEPS and saved.mesh.fsdp == 4
+  assert saved.train.steps == STEPS + 2 and saved.mesh.fsdp == 4
   assert jax.tree.leaves(params)[0].sharding.is_fully_addressable
   single_params = jax.device_get(state.params)
   assert model.count_params(params) == model.count_params(single_params)
@@ -137,16 +143,11 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   # restored resharded, not quarantined, and the data iterator, whose
   # saved state was per process, is recomputed for step 5: the losses of
   # steps 5 and 6 are those of the single process continuing.
-  longer = ml_collections.ConfigDict(config.to_dict())
-  longer.train.steps = STEPS + 2
   stream = io.StringIO()
-  train.train(longer, str(workdir), stream=stream)
+  train.train(config, str(workdir), stream=stream)
   assert f'(step {STEPS})' in stream.getvalue(), stream.getvalue()
   assert not (workdir / 'checkpoints_corrupt').exists()
   resumed = losses(workdir / 'metrics.jsonl')[STEPS:]
-  setup = train.Setup(longer, str(tmp_path / 'single'),
-                      devices=jax.devices()[:1])
-  step_fn, _, _, batch_sharding = setup.jit_train_step()
   expected, state = [], final_state
   with setup.context():
     for step in range(STEPS, STEPS + 2):
