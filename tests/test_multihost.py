@@ -167,6 +167,39 @@ def process_commands(args, devices_per_process=1) -> list[list[str]]:
   return [shlex.split(line) for line in listing.stdout.splitlines()]
 
 
+def start_processes(commands, env, log_dir) -> list:
+  """Starts one process per command, each writing its output to a file in
+  `log_dir`. (Not to a pipe: a pipe that nobody reads while the test waits
+  on another process fills up, blocks its writer, and with it the
+  collectives of every process.)"""
+  log_dir.mkdir(exist_ok=True)
+  first = len(list(log_dir.iterdir()))
+  procs = []
+  for i, cmd in enumerate(commands):
+    with open(log_dir / f'{first + i}.log', 'w', encoding='utf-8') as log:
+      proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT)
+    proc.log = log_dir / f'{first + i}.log'
+    procs.append(proc)
+  return procs
+
+
+def wait_processes(procs, timeout=300) -> tuple[list[int], list[str]]:
+  """Exit codes and outputs; fails with every output if one hangs."""
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(1, deadline - time.time()))
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+      p.wait()
+    pytest.fail('a process hung: ' + repr(
+        [p.log.read_text(errors='replace')[-5000:] for p in procs]))
+  return ([p.returncode for p in procs],
+          [p.log.read_text(errors='replace') for p in procs])
+
+
 def single_process_run(config, tmp_path, steps):
   """Losses of steps 1..`steps` of one process on one device (the train
   step of train.train, without its eval and checkpoints), and its params
@@ -212,20 +245,10 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
   env['XLA_FLAGS'] = os.environ['ZTT_TEST_XLA_FLAGS']  # No device count.
 
   def start(extra_env=None):
-    return [subprocess.Popen(cmd, env={**env, **(extra_env or {})}, cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True) for cmd in commands]
+    return start_processes(commands, {**env, **(extra_env or {})},
+                           tmp_path / 'logs')
 
-  def finish(procs):
-    deadline = time.time() + 300
-    try:
-      outs = [p.communicate(timeout=max(1, deadline - time.time()))[0]
-              for p in procs]
-    except subprocess.TimeoutExpired:  # Fail with what each one printed.
-      for p in procs:
-        p.kill()
-      pytest.fail(f'a process hung: {[p.communicate()[0] for p in procs]}')
-    return [p.returncode for p in procs], outs
+  finish = wait_processes
 
   procs = start()
   metrics_1 = workdir / 'process_1' / 'metrics.jsonl'
@@ -342,11 +365,9 @@ def run_rows_driver(tmp_path, num_processes, devices_per_process, meshes):
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'ZTT_TEST_OUT': str(tmp_path),
          'ZTT_TEST_MESHES': json.dumps(meshes)}
   env['XLA_FLAGS'] = os.environ['ZTT_TEST_XLA_FLAGS']  # No device count.
-  procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-           for cmd in commands]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0] * num_processes, outs
+  codes, outs = wait_processes(
+      start_processes(commands, env, tmp_path / 'logs'))
+  assert codes == [0] * num_processes, outs
   reports = [json.loads((tmp_path / f'process_{i}.json').read_text())
              for i in range(num_processes)]
   return {name: [r[name] for r in reports] for name in meshes}

@@ -271,7 +271,9 @@ def test_profile_and_wandb_through_a_preempted_and_resumed_run(
   first_trace.unlink()
   summary = train.train(config, str(workdir))
   assert summary['step'] == 3 and 'preempted' not in summary
-  assert xplane_files(workdir) and first_trace not in xplane_files(workdir)
+  # A new trace (the first one was deleted; within the same second the
+  # profiler writes it under the same name).
+  assert xplane_files(workdir)
   assert_no_trace_running(tmp_path)
   run_id = (workdir / 'wandb_run_id').read_text().strip()
   assert [i['id'] for i in wandb.inits] == [run_id, run_id]
