@@ -42,6 +42,11 @@ def workdir(tmp_path_factory):
   return root / 'run'
 
 
+# Under jit (the module static): one compile each, not op by op.
+eval_outputs = jax.jit(evaluate.eval_outputs, static_argnums=0)
+token_statistics = jax.jit(evaluate.token_statistics, static_argnums=0)
+
+
 def replay(ce_CxB, stat_CxB, tau, low: bool, min_cycles: int = 1):
   """Sequence-level early exit replayed from one full pass (cycle c's
   output never depends on later cycles): `(val loss, mean cycles)`."""
@@ -61,10 +66,10 @@ def test_sweep_matches_the_replay_from_one_pass(workdir, criterion,
   corpus = data.prepare(config.data, str(workdir))
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
       corpus.val_N, config.data.seq_len, 8, 2)]
-  ce_CxB = np.concatenate([evaluate.eval_outputs(module, params, b)['ce_CxB']
+  ce_CxB = np.concatenate([eval_outputs(module, params, b)['ce_CxB']
                            for b in batches], 1)
   stat_CxB = np.concatenate([
-      evaluate.token_statistics(module, params, b)[criterion].mean(-1)
+      token_statistics(module, params, b)[criterion].mean(-1)
       for b in batches], 1)
   # Thresholds halfway between observed values: no float32 ties.
   values = np.unique(stat_CxB[min_cycles - 1:-1])
@@ -95,7 +100,7 @@ def test_per_token_sweep_decodes_with_the_cache(workdir):
   corpus = data.prepare(config.data, str(workdir))
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
       corpus.val_N, config.data.seq_len, 4, 2)]
-  ce_C = np.mean([evaluate.eval_outputs(module, params, b)['ce_CxB']
+  ce_C = np.mean([eval_outputs(module, params, b)['ce_CxB']
                   for b in batches], axis=(0, 2))
   criterion, rows = evaluate.early_exit_sweep(
       module, params, batches, 'zero_weight', n_thresholds=2, per='token',
@@ -231,7 +236,7 @@ def test_kl_sweep_at_two_cycles_has_fixed_depths_only():
   config.model.update(vocab_size=64, n_cycles=2, exit_loss='linear')
   module = model.build(config.model)
   tokens_BxT = jnp.asarray(np.arange(2 * 9).reshape(2, 9) % 64)
-  params = module.init(jax.random.key(0), tokens_BxT)['params']
+  params = jax.jit(module.init)(jax.random.key(0), tokens_BxT)['params']
   batches = [{'inputs': tokens_BxT[:, :-1], 'targets': tokens_BxT[:, 1:]}]
   criterion, rows = evaluate.early_exit_sweep(module, params, batches, 'kl',
                                               n_thresholds=3)

@@ -133,9 +133,8 @@ def test_exit_loss_fraction_scores_a_subset_with_the_early_heads():
   cfg, module, params, batch, loss, aux, grads = loss_and_grads(
       'ztt', tokens(), rng, exit_loss_fraction=0.25, ce_chunk_len=5)
   # The same logits from the plain forward pass, the loss in NumPy.
-  logits_CxBxTxV = np.asarray(module.apply({'params': params},
-                                           batch['inputs']).cycle_logits,
-                              np.float64)
+  logits_CxBxTxV = np.asarray(jax.jit(module.apply)(
+      {'params': params}, batch['inputs']).cycle_logits, np.float64)
   targets_BxT = np.asarray(batch['targets'])
   ce_CxBxT = -np.take_along_axis(np_log_softmax(logits_CxBxTxV),
                                  targets_BxT[None, ..., None], -1)[..., 0]

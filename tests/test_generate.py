@@ -161,6 +161,7 @@ def test_per_sequence_exit_freezes_only_exited_sequences(criterion):
   assert len(set(np.asarray(cycles[:, 0]).tolist())) == 2, stat_CxB
 
 
+@functools.partial(jax.jit, static_argnums=0)  # One compile, not op by op.
 def forced_cycles_reference(net, params, tokens_BxT, cycles_BxT):
   """An independent reference for per-token exits: one whole-sequence pass,
   no cache and no while_loop, layer by layer, in which token t runs exactly

@@ -136,7 +136,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   single_params = jax.device_get(state.params)
   assert model.count_params(params) == model.count_params(single_params)
   chex.assert_trees_all_close(params, single_params, rtol=1e-3, atol=1e-5)
-  out = module.apply({'params': params}, np.zeros((1, 4), np.int32))
+  out = jax.jit(module.apply)({'params': params}, np.zeros((1, 4), np.int32))
   assert np.isfinite(out.logits).all()
 
   # Resumed by ONE process (another process count): the checkpoint is

@@ -38,7 +38,7 @@ def test_weight_decay_moves_only_masked_params():
   tx, _ = optim.make_optimizer(cfg)
   p = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), params())
   zeros = jax.tree.map(np.zeros_like, p)
-  updates, _ = tx.update(zeros, tx.init(p), p)
+  updates, _ = jax.jit(tx.update)(zeros, jax.jit(tx.init)(p), p)
   mask = optim.decay_mask(p)
   for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(mask)):
     assert bool(np.any(u != 0)) == m
@@ -65,7 +65,7 @@ def test_gate_lr_scale_scales_only_the_gate_updates():
   def step(scale):
     cfg.gate_lr_scale = scale
     tx, _ = optim.make_optimizer(cfg)
-    return tx.update(grads, tx.init(p), p)[0]
+    return jax.jit(tx.update)(grads, jax.jit(tx.init)(p), p)[0]
 
   full, slow = step(1.0), step(0.1)
   mask = optim.gate_mask(p)

@@ -97,7 +97,7 @@ def test_load_gives_a_working_model(tmp_path, corpus):
   module, params, saved = ztt_jax.load(tmp_path / 'run')
   vocab = tokenizers.load_tokenizer(tmp_path / 'run').vocab_size
   assert saved.model.vocab_size == vocab and saved.train.steps == 3
-  out = module.apply({'params': params}, jnp.zeros((2, 5), jnp.int32))
+  out = jax.jit(module.apply)({'params': params}, jnp.zeros((2, 5), jnp.int32))
   chex.assert_shape(out.cycle_logits, (3, 2, 5, vocab))
   with pytest.raises(ConfigError, match='step 7'):
     ztt_jax.load(tmp_path / 'run', step=7)
