@@ -1,7 +1,5 @@
 """Failure behaviour: kill -9, SIGTERM, corrupt checkpoints, NaN, bad flags."""
 
-import asyncio
-import gc
 import io
 import json
 import os
@@ -11,7 +9,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-import traceback
 
 import chex
 import jax
@@ -22,7 +19,6 @@ import pytest
 
 import ztt_jax
 from configs import tiny
-from ztt_jax import checkpoint
 from ztt_jax import data
 from ztt_jax import train
 
@@ -138,8 +134,7 @@ def test_sigterm_saves_then_the_next_start_continues(tmp_path, corpus):
 
 
 @pytest.mark.slow(20)
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, corpus,
-                                                          monkeypatch):
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, corpus):
   config = config_for(corpus, steps=8)
   train.train(config, str(tmp_path / 'straight'))
   workdir = tmp_path / 'run'
@@ -149,20 +144,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, corpus,
   victim = max(files, key=lambda p: p.stat().st_size)
   victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
   stream = io.StringIO()
-  # The reads the failed restore abandoned are collected without Orbax's
-  # page-long report each, and none is left for later. (Whether a restore
-  # leaves reads unfinished depends on timing: about half the runs without
-  # the collection fail here; the test below checks it every time.)
-  gc.collect()  # (What earlier tests left.)
-  abandoned = []
-  monkeypatch.setattr(sys, 'unraisablehook', abandoned.append)
   train.train(config, str(workdir), stream=stream)
-  gc.collect()
-  reports = [''.join(traceback.format_exception(u.exc_value))
-             for u in abandoned]
-  reports = [r for r in reports
-             if 'orbax' in r or 'Event loop is closed' in r]
-  assert not reports, [r[-2000:] for r in reports[:2]]
   log = stream.getvalue()
   assert 'warning: checkpoint 6 is unreadable' in log
   assert 'resumed from' in log and '(step 3)' in log
@@ -171,43 +153,6 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, corpus,
   straight, resumed = losses(tmp_path / 'straight'), losses(workdir)
   assert [resumed[s] for s in range(4, 9)] == [straight[s]
                                                for s in range(4, 9)]
-
-
-_ABANDONED_READ = """
-async def read(future):
-  try:
-    await future
-  except BaseException as e:  # As Orbax's reads do: report, then raise.
-    raise Exception('a read that never finished') from e
-"""
-
-
-def abandoned_read(filename, loop):
-  """A coroutine defined in `filename`, suspended on a future that is never
-  set and held only by a reference cycle: what a failed restore leaves."""
-  scope = {}
-  exec(compile(_ABANDONED_READ, filename, 'exec'), scope)  # pylint: disable=exec-used
-  coroutine = scope['read'](loop.create_future())
-  coroutine.send(None)  # Now waiting on the future.
-  cycle = [coroutine]
-  cycle.append(cycle)
-
-
-def test_abandoned_orbax_reads_are_collected_without_their_reports(
-    monkeypatch):
-  """Only the reports of Orbax's own coroutines are dropped; any other
-  unraisable error still reaches the hook, which is put back."""
-  gc.collect()
-  recorded = []
-  monkeypatch.setattr(sys, 'unraisablehook', recorded.append)
-  loop = asyncio.new_event_loop()
-  abandoned_read(os.path.join(os.path.dirname(ocp.__file__), 'read.py'),
-                 loop)
-  abandoned_read(__file__, loop)
-  checkpoint._collect_abandoned_reads()  # pylint: disable=protected-access
-  loop.close()
-  assert sys.unraisablehook == recorded.append
-  assert [u.object.cr_code.co_filename for u in recorded] == [__file__]
 
 
 def test_nan_stops_naming_the_step_and_keeps_checkpoints(tmp_path, corpus):

@@ -7,12 +7,10 @@ separate item so tools can load them without the optimizer state.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
 import shutil
-import sys
 import time
 from typing import Any
 import zlib
@@ -26,34 +24,6 @@ import orbax.checkpoint as ocp
 from ztt_jax import configlib
 from ztt_jax.errors import ConfigError
 from ztt_jax.errors import check_local_path
-
-
-def _collect_abandoned_reads() -> None:
-  """Collects, quietly, the array reads a failed restore abandoned.
-
-  When one array of a checkpoint fails to read, Orbax leaves the reads of
-  the others as unfinished coroutines. Collected later, each prints a
-  report of some hundred lines ("Exception ignored in: <coroutine object
-  _read_array_index_and_device_put ...>" and its TensorStore spec) at
-  whatever point the garbage collector runs: pages of noise after the
-  one-line warning, and enough output to fill a pipe nobody reads. They are
-  collected here with those reports dropped; any other unraisable error
-  still goes to the hook in place.
-  """
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    code = getattr(unraisable.object, 'cr_code', None)
-    if code is not None and code.co_filename.startswith(
-        os.path.dirname(ocp.__file__)):
-      return
-    previous(unraisable)
-
-  sys.unraisablehook = hook
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = previous
 
 
 class Checkpointer:
@@ -184,8 +154,6 @@ class Checkpointer:
              if error is not None else 'unreadable on another process')
       warn(f'warning: checkpoint {step} is unreadable ({why}); moved it to '
            f'{where} and trying an older one')
-      error = None
-      _collect_abandoned_reads()
     return None, None
 
   def quarantine(self, step: int) -> str:
