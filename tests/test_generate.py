@@ -1,6 +1,5 @@
 """Cached decoding, early exit and sampling against the full forward pass."""
 
-import collections
 import dataclasses
 import functools
 
@@ -11,6 +10,7 @@ import pytest
 
 from configs import tiny
 from ztt_jax import generate
+from ztt_jax import lru
 from ztt_jax import model
 from ztt_jax.errors import ConfigError
 
@@ -241,7 +241,7 @@ def test_sampling_is_reproducible_and_seeded():
 
 
 def test_generate_compiles_once_per_shape_and_setting(monkeypatch):
-  monkeypatch.setattr(generate, '_COMPILED', collections.OrderedDict())
+  monkeypatch.setattr(generate, '_COMPILED', lru.LRU(16))
   net, params = make('ztt')
   run = lambda prompt, n=4, seed=0: generate.generate(
       net, params, [np.array(prompt)], n, jax.random.key(seed),

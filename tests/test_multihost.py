@@ -176,10 +176,11 @@ def start_processes(commands, env, log_dir) -> list:
   first = len(list(log_dir.iterdir()))
   procs = []
   for i, cmd in enumerate(commands):
-    with open(log_dir / f'{first + i}.log', 'w', encoding='utf-8') as log:
+    path = log_dir / f'{first + i}.log'
+    with open(path, 'w', encoding='utf-8') as log:
       proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log,
                               stderr=subprocess.STDOUT)
-    proc.log = log_dir / f'{first + i}.log'
+    proc.log = path
     procs.append(proc)
   return procs
 
@@ -248,17 +249,15 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
     return start_processes(commands, {**env, **(extra_env or {})},
                            tmp_path / 'logs')
 
-  finish = wait_processes
-
   procs = start()
   metrics_1 = workdir / 'process_1' / 'metrics.jsonl'
   deadline = time.time() + 300
   while time.time() < deadline and not (
       metrics_1.exists() and len(metrics_1.read_text().splitlines()) >= 3):
-    assert all(p.poll() is None for p in procs), finish(procs)
+    assert all(p.poll() is None for p in procs), wait_processes(procs)
     time.sleep(0.1)
   procs[1].send_signal(signal.SIGTERM)
-  codes, outs = finish(procs)
+  codes, outs = wait_processes(procs)
   assert codes == [143, 143], outs
 
   # Both stopped at one step and saved it (beside the periodic saves).
@@ -290,7 +289,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, corpus):
                        'params').rglob('*') if p.is_file()]
   victim = max(files, key=lambda p: p.stat().st_size)
   victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
-  codes, outs = finish(start({'ZTT_TEST_STOP_AT': str(stop + 2)}))
+  codes, outs = wait_processes(start({'ZTT_TEST_STOP_AT': str(stop + 2)}))
   assert codes == [0, 0], outs
   for out in outs:
     assert f'checkpoint {stop} is unreadable' in out, out

@@ -22,7 +22,6 @@ When a row exits is `exits.ExitRule` (criteria and statistics: exits.py).
 
 from __future__ import annotations
 
-import collections
 import functools
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 
 import ztt_jax
 from ztt_jax import exits
+from ztt_jax import lru
 from ztt_jax import model as model_lib
 from ztt_jax import tokenizers
 from ztt_jax.errors import check
@@ -233,26 +233,19 @@ def _generate(module, params, prompt_BxP, lengths_B, rng, threshold, end_id,
   return tokens_BxN, cycles_BxN
 
 
-_COMPILED: collections.OrderedDict = collections.OrderedDict()
-_COMPILED_MAX = 16
+_COMPILED = lru.LRU(16)
 
 
 def _compiled_generate(module, args, statics):
   """`_generate` compiled for these static settings and argument shapes,
-  dtypes and placements: compiled once, then reused (the last
-  `_COMPILED_MAX`), so a second call with the same shapes compiles nothing
-  and reports `compile_s` as the time of the lookup."""
+  dtypes and placements: compiled once, then reused (the last 16), so a
+  second call with the same shapes compiles nothing and reports
+  `compile_s` as the time of the lookup."""
   leaves, treedef = jax.tree.flatten(args)
   key = (module, tuple(sorted(statics.items())), treedef, tuple(
       (a.shape, a.dtype, getattr(a, 'sharding', None)) for a in leaves))
-  compiled = _COMPILED.get(key)
-  if compiled is None:
-    compiled = _generate.lower(module, *args, **statics).compile()
-    _COMPILED[key] = compiled
-    while len(_COMPILED) > _COMPILED_MAX:
-      _COMPILED.popitem(last=False)
-  _COMPILED.move_to_end(key)
-  return compiled
+  return _COMPILED.get(
+      key, lambda: _generate.lower(module, *args, **statics).compile())
 
 
 def generate(module: model_lib.Transformer, params, prompts,

@@ -14,7 +14,6 @@ a resumed run takes exactly the steps an uninterrupted one would.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -42,6 +41,7 @@ from ztt_jax import data
 from ztt_jax import evaluate
 from ztt_jax import exits
 from ztt_jax import generate
+from ztt_jax import lru
 from ztt_jax import metrics as metrics_lib
 from ztt_jax import model as model_lib
 from ztt_jax import multihost
@@ -170,8 +170,7 @@ def _init_state(module, tx, seq_len: int, rng):
 # `Setup._programs_key`: a second `train` with the same model, optimizer and
 # mesh (a resumed or restarted run, an in-process sweep, the tests) traces
 # and compiles nothing again.
-_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
-_PROGRAMS_MAX = 16
+_PROGRAMS = lru.LRU(16)
 # `config.train` fields the loop reads on the host only (`nan_policy` picks
 # the step's signature, which is part of the program's name).
 _HOST_ONLY_TRAIN_FIELDS = frozenset({
@@ -214,10 +213,6 @@ class Setup:
     self.module = model_lib.Transformer(self.model_cfg)
     self.tx, self.schedule = optim.make_optimizer(config.train)
 
-  def init_state(self, rng):
-    return _boxed_params_and_state(self.module, self.tx,
-                                   self.config.data.seq_len, rng)[1]
-
   def _programs_key(self):
     """What the programs are built from: the model, optimizer, seed, batch
     shape and layout (the config less its data, checkpoint, sample and
@@ -235,13 +230,7 @@ class Setup:
     process (`_PROGRAMS`): the program is traced and compiled once."""
     if not reuse:
       return build()
-    key = (name, self._programs_key())
-    if key not in _PROGRAMS:
-      _PROGRAMS[key] = build()
-      while len(_PROGRAMS) > _PROGRAMS_MAX:
-        _PROGRAMS.popitem(last=False)
-    _PROGRAMS.move_to_end(key)
-    return _PROGRAMS[key]
+    return _PROGRAMS.get((name, self._programs_key()), build)
 
   def state_shardings(self):
     """Logical specs -> shardings for params and the optimizer's moments
@@ -261,7 +250,7 @@ class Setup:
                                               self.rules)
 
   def jit_init(self):
-    """`init_state(rng)` under `jax.jit`, giving the state already sharded
+    """The fresh train state `init(rng)` under `jax.jit`, already sharded
     (no full copy on any one device)."""
     _, shardings = self.state_shardings()
     return self._reused('init', lambda: jax.jit(
