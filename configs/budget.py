@@ -21,7 +21,7 @@ gate, under 0.1%); they differ in how often the layers run per token:
 
 with `model.n_cycles=2` (override it: `--config.model.n_cycles=4`).
 basic_cycle cycles all its layers; head_tail_cycle and ztt cycle the middle
-stack only. Training FLOPs per token (`model.flops_per_token`, seq_len 2048)
+stack only. Training FLOPs per token (`params.flops_per_token`, seq_len 2048)
 are printed by `ztt-train` and `ztt-compile` and tabulated in the README.
 
 Shared settings: a 32k SentencePiece vocabulary (`data.tokenizer=
@@ -36,6 +36,8 @@ parallelism with e.g. `--config.mesh.fsdp=-1 --config.mesh.tensor=4`.
 
 from ztt_jax import configlib
 from ztt_jax import model
+from ztt_jax import model_config
+from ztt_jax import params as params_lib
 from ztt_jax.errors import check
 
 # name: (budget, d_model, n_heads, d_ff, (head, mid, tail), lr, steps).
@@ -57,9 +59,9 @@ def parse_arg(arg: str) -> tuple[str, str]:
   check(len(parts) <= 2 and size in SIZES,
         f'configs/budget.py:{arg}: the argument is SIZE[,VARIANT] with SIZE '
         f'one of {", ".join(SIZES)}; e.g. configs/budget.py:125m,ztt')
-  check(variant in model.VARIANTS,
+  check(variant in model_config.VARIANTS,
         f'configs/budget.py:{arg}: variant {variant!r} is not one of '
-        f'{", ".join(model.VARIANTS)}; e.g. configs/budget.py:{size},ztt')
+        f'{", ".join(model_config.VARIANTS)}; e.g. configs/budget.py:{size},ztt')
   return size, variant
 
 

@@ -8,6 +8,8 @@ import pytest
 from configs import tiny
 from ztt_jax import bench
 from ztt_jax import model
+from ztt_jax import model_config
+from ztt_jax import params as params_lib
 from ztt_jax.commands import bench as bench_command
 from ztt_jax.errors import ConfigError
 
@@ -43,13 +45,13 @@ def test_bench_numbers_are_consistent():
   assert 0 < r['trace_lower_s'] and 0 < r['compile_s']
   assert r['trace_lower_s'] + r['compile_s'] + 3 * r['step_s_min'] < wall
   assert r['mlp_matmul_shape'] == [b * t, config.model.d_model,
-                                   model.ModelConfig.from_config(
+                                   model_config.ModelConfig.from_config(
                                        cfg).resolved_d_ff]
   assert r['mlp_matmul_over_peak'] == pytest.approx(
       r['mlp_matmul_flops_per_s'] / r['matmul_peak_flops_per_s'])
   assert r['temp_size_in_bytes'] > 0
-  assert r['params'] == model.count_params(
-      model.abstract_params(model.build(cfg)))
+  assert r['params'] == params_lib.count_params(
+      params_lib.abstract_params(model.build(cfg)))
 
 
 @pytest.mark.slow(22)

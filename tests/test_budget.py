@@ -6,6 +6,8 @@ import pytest
 
 from configs import budget
 from ztt_jax import model
+from ztt_jax import model_config
+from ztt_jax import params as params_lib
 from ztt_jax.errors import ConfigError
 
 SIZES = tuple(budget.SIZES)
@@ -13,14 +15,14 @@ SIZES = tuple(budget.SIZES)
 
 def count(config) -> int:
   """Distinct parameters, from shapes only (jax.eval_shape)."""
-  return model.count_params(model.abstract_params(model.build(config.model)))
+  return params_lib.count_params(params_lib.abstract_params(model.build(config.model)))
 
 
 @pytest.mark.parametrize('size', SIZES)
 def test_every_variant_is_within_3_percent_of_the_budget(size):
   target = budget.SIZES[size][0]
   counts = {}
-  for variant in model.VARIANTS:
+  for variant in model_config.VARIANTS:
     config = budget.get_config(f'{size},{variant}')
     assert config.model.variant == variant
     counts[variant] = count(config)
@@ -35,11 +37,11 @@ def test_every_variant_is_within_3_percent_of_the_budget(size):
 @pytest.mark.parametrize('size', SIZES)
 def test_variants_spend_the_budget_on_different_compute(size):
   layers, flops = {}, {}
-  for variant in model.VARIANTS:
-    cfg = model.ModelConfig.from_config(
+  for variant in model_config.VARIANTS:
+    cfg = model_config.ModelConfig.from_config(
         budget.get_config(f'{size},{variant}').model)
     layers[variant] = cfg.executed_layers
-    flops[variant] = model.flops_per_token(cfg, budget.SEQ_LEN)
+    flops[variant] = params_lib.flops_per_token(cfg, budget.SEQ_LEN)
   head, mid, tail = budget.SIZES[size][4]
   assert layers == {'vanilla': head + mid + tail,
                     'basic_cycle': 2 * (head + mid + tail),

@@ -31,6 +31,8 @@ from safetensors import torch as st_torch  # pylint: disable=wrong-import-positi
 from ztt_jax import convert  # pylint: disable=wrong-import-position
 from ztt_jax import generate  # pylint: disable=wrong-import-position
 from ztt_jax import model  # pylint: disable=wrong-import-position
+from ztt_jax import model_config
+from ztt_jax import params as params_lib
 from ztt_jax import tokenizers  # pylint: disable=wrong-import-position
 from ztt_jax import train  # pylint: disable=wrong-import-position
 from ztt_jax.errors import ConfigError  # pylint: disable=wrong-import-position
@@ -163,7 +165,7 @@ def test_pytorch_bin_and_half_precision_files_read_the_same(hf_dirs,
 
 
 def test_mid_init_block_and_average():
-  cfg = model.ModelConfig.from_config(dict(
+  cfg = model_config.ModelConfig.from_config(dict(
       variant='ztt', vocab_size=8, d_model=8, n_heads=2, n_head_layers=1,
       n_mid_layers=2, n_tail_layers=1, n_cycles=2))
   layers = [{'w': np.full((3,), float(i))} for i in range(7)]
@@ -181,7 +183,7 @@ def test_mid_init_block_and_average():
 
 
 def test_zero_keys_point_against_the_mean_query():
-  cfg = model.ModelConfig.from_config(dict(
+  cfg = model_config.ModelConfig.from_config(dict(
       variant='ztt', vocab_size=8, d_model=8, n_heads=2, n_mid_layers=1,
       n_cycles=2))
   rng = np.random.default_rng(0)
@@ -308,9 +310,9 @@ def test_new_params_have_logical_axes():
                          norm='layernorm', qkv_bias=True, out_bias=True,
                          mlp_bias=True, mlp='gelu'),
                     dict(n_kv_heads=2, tie_embeddings=False)):
-    cfg = model.ModelConfig.from_config(dict(
+    cfg = model_config.ModelConfig.from_config(dict(
         variant='ztt', vocab_size=V, d_model=32, n_heads=4, **overrides))
-    boxed = model.abstract_params(model.build(cfg), boxed=True)
+    boxed = params_lib.abstract_params(model.build(cfg), boxed=True)
     leaves = jax.tree.leaves(
         boxed, is_leaf=lambda x: isinstance(x, model.nn.Partitioned))
     assert all(isinstance(x, model.nn.Partitioned) for x in leaves)

@@ -21,6 +21,7 @@ from ztt_jax import data
 from ztt_jax import evaluate
 from ztt_jax import generate
 from ztt_jax import model
+from ztt_jax import params as params_lib
 from ztt_jax import train
 from ztt_jax.errors import ConfigError
 
@@ -253,7 +254,7 @@ def test_ztt_eval_needs_cycles_and_exit_heads(tmp_path, variant, exit_loss,
                                               message):
   config = tiny.get_config(variant)
   config.model.update(vocab_size=64, exit_loss=exit_loss)
-  abstract = model.abstract_params(model.build(config.model))
+  abstract = params_lib.abstract_params(model.build(config.model))
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   convert._save(  # pylint: disable=protected-access
       str(tmp_path / 'run'), config, params)
@@ -276,7 +277,7 @@ def test_a_checkpoint_loads_with_either_attention(tmp_path):
   (how a dot_product run gets its zero_margin)."""
   config = tiny.get_config('ztt')
   config.model.update(vocab_size=64, attention='dot_product')
-  abstract = model.abstract_params(model.build(config.model))
+  abstract = params_lib.abstract_params(model.build(config.model))
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   convert._save(  # pylint: disable=protected-access
       str(tmp_path / 'run'), config, params)

@@ -9,6 +9,8 @@ import pytest
 from configs import tiny
 from ztt_jax import exits
 from ztt_jax import model
+from ztt_jax import model_config
+from ztt_jax import params as params_lib
 from ztt_jax import train
 from ztt_jax.errors import ConfigError
 
@@ -18,7 +20,7 @@ C, B, T, V = 3, 2, 5, 7
 def make_cfg(variant='ztt', **overrides):
   m = tiny.get_config(variant).model
   m.update(vocab_size=V, n_cycles=C, **overrides)
-  return model.ModelConfig.from_config(m)
+  return model_config.ModelConfig.from_config(m)
 
 
 def np_log_softmax(x):
@@ -98,9 +100,9 @@ def loss_and_grads(variant, tokens_BxT, rng, **overrides):
   """train.loss_fn and its gradients for the tiny model with V = 61."""
   m = tiny.get_config(variant).model
   m.update(vocab_size=61, **overrides)
-  cfg = model.ModelConfig.from_config(m)
+  cfg = model_config.ModelConfig.from_config(m)
   module = model.Transformer(cfg)
-  params = model.init_params(module, jax.random.key(0))
+  params = params_lib.init_params(module, jax.random.key(0))
   batch = {'inputs': tokens_BxT[:, :-1], 'targets': tokens_BxT[:, 1:]}
   fn = jax.jit(jax.value_and_grad(
       lambda p: train.loss_fn(module, cfg, p, batch, rng, True), has_aux=True))

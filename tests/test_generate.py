@@ -10,8 +10,12 @@ import pytest
 
 from configs import tiny
 from ztt_jax import generate
+from ztt_jax import layers
 from ztt_jax import lru
 from ztt_jax import model
+from ztt_jax import model_config
+from ztt_jax import params as params_lib
+from ztt_jax import ztt
 from ztt_jax.errors import ConfigError
 
 B, T, V = 2, 10, 48
@@ -21,13 +25,13 @@ ATOL = 2e-5
 
 @functools.lru_cache(maxsize=None)
 def _abstract_params(cfg):
-  return model.abstract_params(model.build(cfg))
+  return params_lib.abstract_params(model.build(cfg))
 
 
 def make(variant='ztt', **overrides):
   m = tiny.get_config(variant).model
   m.update(vocab_size=V, **overrides)
-  cfg = model.ModelConfig.from_config(m)
+  cfg = model_config.ModelConfig.from_config(m)
   rng = np.random.default_rng(0)
   abstract = _abstract_params(cfg)
   params = jax.tree_util.tree_map_with_path(
@@ -81,7 +85,7 @@ PROJECTED = dict(zero_key='projected', n_kv_heads=2)
 
 
 @pytest.mark.parametrize('variant, overrides', [
-    *[(v, {}) for v in model.VARIANTS],
+    *[(v, {}) for v in model_config.VARIANTS],
     ('ztt', GPT2_STYLE), ('vanilla', GPT2_STYLE),
     ('ztt', LLAMA_STYLE), ('head_tail_cycle', LLAMA_STYLE),
     ('ztt', PROJECTED),
@@ -108,7 +112,7 @@ def test_forward_and_cached_decoding_match_the_model(variant, overrides):
 def test_unrolled_params_decode_the_same(variant):
   net, params = make(variant)
   unrolled = model.build(dataclasses.replace(net.cfg, scan_layers=False))
-  unrolled_params = model.convert_params(params, scan_layers=False)
+  unrolled_params = params_lib.convert_params(params, scan_layers=False)
   x = tokens()
   ref = full_forward(net.cfg, params, x).logits
   logits, _ = decode_all(unrolled, unrolled_params, x, prefill=4)
@@ -173,8 +177,8 @@ def forced_cycles_reference(net, params, tokens_BxT, cycles_BxT):
   h = call(model.Transformer.embed_tokens, tokens_BxT, pos)
   h, _ = call(model.Transformer.head_stack, h, pos)
   mid = params['mid']
-  pool = model.expand_pool(cfg, mid['zero_keys'])
-  block = model.Block(cfg)
+  pool = ztt.expand_pool(cfg, mid['zero_keys'])
+  block = layers.Block(cfg)
   for c in range(cfg.cycles):
     running = (cycles_BxT > c)[..., None]
     y = h
@@ -183,7 +187,7 @@ def forced_cycles_reference(net, params, tokens_BxT, cycles_BxT):
                            mid['cycle']['stack']['layers'])
       y, _ = block.apply({'params': layer}, jnp.where(running, y, h),
                          pool[c, i], pos)
-    y, _ = model.apply_gate(cfg, h, y, mid['gate_w'][c], mid['gate_b'][c])
+    y, _ = ztt.apply_gate(cfg, h, y, mid['gate_w'][c], mid['gate_b'][c])
     h = jnp.where(running, y, h)
   return call(model.Transformer.exit_head, h, pos)[0]
 
@@ -308,7 +312,7 @@ def fused(net):
 
 
 @pytest.mark.parametrize('variant, overrides', [
-    *[(v, {}) for v in model.VARIANTS], ('ztt', dict(n_kv_heads=2))],
+    *[(v, {}) for v in model_config.VARIANTS], ('ztt', dict(n_kv_heads=2))],
     ids=lambda x: x if isinstance(x, str) else ('gqa' if x else 'mha'))
 def test_dot_product_decoding_matches_the_xla_model(variant, overrides):
   """Prefill and token-by-token decoding through the KV cache with the fused

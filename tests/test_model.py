@@ -13,6 +13,10 @@ from configs import tiny
 from ztt_jax import attention
 from ztt_jax import model
 from ztt_jax.errors import ConfigError
+from ztt_jax import ztt
+from ztt_jax import params as params_lib
+from ztt_jax import model_config
+from ztt_jax import layers
 
 B, T, V = 2, 12, 64
 
@@ -21,7 +25,7 @@ def make_cfg(variant='ztt', **overrides):
   m = tiny.get_config(variant).model
   m.vocab_size = V
   m.update(overrides)
-  return model.ModelConfig.from_config(m)
+  return model_config.ModelConfig.from_config(m)
 
 
 def tokens(seed=1):
@@ -46,7 +50,7 @@ def apply(cfg, params, tokens_BxT, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def abstract_params(cfg):
-  return model.abstract_params(model.build(cfg))
+  return params_lib.abstract_params(model.build(cfg))
 
 
 def random_params(cfg, seed=0):
@@ -68,13 +72,13 @@ def init_apply(cfg, tokens_BxT=None, seed=0):
 
 
 def count(cfg):
-  return model.count_params(abstract_params(cfg))
+  return params_lib.count_params(abstract_params(cfg))
 
 
 ALL_SETTINGS = (
-    [dict(variant=v) for v in model.VARIANTS]
+    [dict(variant=v) for v in model_config.VARIANTS]
     + [dict(variant='ztt', zero_pool=p, gate=g)
-       for p in model.ZERO_POOLS for g in model.GATES]
+       for p in model_config.ZERO_POOLS for g in model_config.GATES]
     + [dict(variant='ztt', zero_pool=p, zero_key='projected')
        for p in ('cycle_layer', 'layer')]
     + [dict(variant='basic_cycle', exit_loss='uniform'),
@@ -108,7 +112,7 @@ def test_output_shapes_and_dtypes(settings):
 
 def test_init_opens_the_gate():
   cfg = make_cfg('ztt')
-  params = model.init_params(model.build(cfg), jax.random.key(0))
+  params = params_lib.init_params(model.build(cfg), jax.random.key(0))
   out = apply(cfg, params, tokens())
   # The gate bias starts at +3 and its weights at 0: open at initialisation.
   np.testing.assert_allclose(out.gate, jax.nn.sigmoid(3.0), atol=1e-5)
@@ -165,7 +169,7 @@ def fused_calls(monkeypatch):
 
 
 @pytest.mark.parametrize('variant, n_kv_heads', [
-    *[(v, 0) for v in model.VARIANTS], ('ztt', 2)])
+    *[(v, 0) for v in model_config.VARIANTS], ('ztt', 2)])
 def test_dot_product_attention_matches_xla(variant, n_kv_heads,
                                            fused_calls):
   """model.attention='dot_product' (the fused kernel) gives the same
@@ -215,7 +219,7 @@ def test_dot_product_attention_in_bfloat16(fused_calls):
   assert fused_calls[0] > 0
 
 
-@pytest.mark.parametrize('variant', model.VARIANTS)
+@pytest.mark.parametrize('variant', model_config.VARIANTS)
 def test_causality(variant):
   cfg = make_cfg(variant)
   x_BxT = tokens()
@@ -252,26 +256,26 @@ def test_parameter_budget():
   assert count(make_cfg('ztt', zero_pool='none', gate='none')) == n_htc
 
 
-@pytest.mark.parametrize('variant', model.VARIANTS)
+@pytest.mark.parametrize('variant', model_config.VARIANTS)
 def test_scan_and_unrolled_give_same_logits(variant):
   cfg = make_cfg(variant, remat_policy='full')
   _, params, out = init_apply(cfg)
   unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
-  unrolled_params = model.convert_params(params, scan_layers=False)
+  unrolled_params = params_lib.convert_params(params, scan_layers=False)
   assert 'layers_1' in unrolled_params['mid']['cycle']['stack']
   out2 = apply(unrolled_cfg, unrolled_params, tokens())
   chex.assert_trees_all_close(out, out2, atol=1e-5, rtol=1e-5)
-  back = model.convert_params(unrolled_params, scan_layers=True)
+  back = params_lib.convert_params(unrolled_params, scan_layers=True)
   chex.assert_trees_all_equal(back, params)
 
 
 def test_unrolled_init_has_same_tree_as_converted_scan_init():
   cfg = make_cfg('ztt')
-  scanned = model.abstract_params(model.build(cfg))
-  unrolled = model.abstract_params(
+  scanned = params_lib.abstract_params(model.build(cfg))
+  unrolled = params_lib.abstract_params(
       model.build(dataclasses.replace(cfg, scan_layers=False)))
   converted = jax.eval_shape(
-      lambda p: model.convert_params(p, scan_layers=False), scanned)
+      lambda p: params_lib.convert_params(p, scan_layers=False), scanned)
   chex.assert_trees_all_equal_shapes_and_dtypes(converted, unrolled)
 
 
@@ -366,7 +370,7 @@ def test_untied_embeddings_add_a_head():
 
 def test_every_param_has_logical_axes():
   cfg = make_cfg('ztt')
-  boxed = model.abstract_params(model.build(cfg), boxed=True)
+  boxed = params_lib.abstract_params(model.build(cfg), boxed=True)
   leaves = jax.tree.leaves(
       boxed, is_leaf=lambda x: isinstance(x, model.nn.Partitioned))
   assert all(isinstance(x, model.nn.Partitioned) for x in leaves)
@@ -378,16 +382,16 @@ def test_every_param_has_logical_axes():
 
 def test_flops_per_token_counts_cycles():
   base = dict(exit_loss='none')
-  f = {c: model.flops_per_token(make_cfg('head_tail_cycle', n_cycles=c,
+  f = {c: params_lib.flops_per_token(make_cfg('head_tail_cycle', n_cycles=c,
                                          **base), 64) for c in (1, 2, 4)}
   assert f[4] - f[2] == pytest.approx(2 * (f[2] - f[1]))
   # Vanilla with head + C*K + tail distinct layers costs as much as HTC.
   cfg = make_cfg('head_tail_cycle', n_cycles=3, **base)
   van = make_cfg('vanilla', n_mid_layers=3 * cfg.n_mid_layers)
-  assert model.flops_per_token(van, 64) == model.flops_per_token(cfg, 64)
+  assert params_lib.flops_per_token(van, 64) == params_lib.flops_per_token(cfg, 64)
   # 6N rule of thumb for the matmul part when attention is negligible.
   n_matmul = count(make_cfg('vanilla'))
-  assert model.flops_per_token(make_cfg('vanilla'), 1) == pytest.approx(
+  assert params_lib.flops_per_token(make_cfg('vanilla'), 1) == pytest.approx(
       6 * n_matmul, rel=0.05)
 
 
@@ -397,10 +401,10 @@ def test_flops_per_token_counts_the_early_heads_scored_positions():
   full, quarter = (make_cfg('ztt', n_cycles=3, exit_loss_fraction=f)
                    for f in (1.0, 0.25))
   lm_head = 2 * full.d_model * full.vocab_size
-  assert model.flops_per_token(full, 64) - model.flops_per_token(
+  assert params_lib.flops_per_token(full, 64) - params_lib.flops_per_token(
       quarter, 64) == pytest.approx(3 * 2 * 0.75 * lm_head)
-  assert model.flops_per_token(full, 64, training=False) == (
-      model.flops_per_token(quarter, 64, training=False))
+  assert params_lib.flops_per_token(full, 64, training=False) == (
+      params_lib.flops_per_token(quarter, 64, training=False))
 
 
 @pytest.mark.parametrize('overrides, field', [
@@ -422,7 +426,7 @@ def test_bad_model_config_names_the_field(overrides, field):
 
 
 def test_exit_weights():
-  weights = lambda loss: np.asarray(model.exit_weights(make_cfg(
+  weights = lambda loss: np.asarray(ztt.exit_weights(make_cfg(
       'ztt', n_cycles=4, exit_loss=loss)))
   np.testing.assert_allclose(weights('linear'), np.array([1, 2, 3, 4]) / 10)
   np.testing.assert_allclose(weights('uniform'), [0.25] * 4)
@@ -437,7 +441,7 @@ def test_gate_reads_the_cycle_input_or_output():
   rms = lambda a: a / np.sqrt(np.mean(np.square(a), -1, keepdims=True) + 1e-6)
   for reads, source in (('output', y), ('input', x)):
     cfg = make_cfg('ztt', gate_input=reads)
-    state, g = model.apply_gate(cfg, x, y, w, b)
+    state, g = ztt.apply_gate(cfg, x, y, w, b)
     expected = 1 / (1 + np.exp(-(rms(np.asarray(source)) @ np.asarray(w) + b)))
     np.testing.assert_allclose(g, expected, rtol=1e-5)
     np.testing.assert_allclose(state, x + expected[..., None] * (y - x),

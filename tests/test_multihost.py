@@ -31,6 +31,7 @@ _DRIVER = r'''
 import os
 import jax
 from ztt_jax import metrics, train
+from ztt_jax import params as params_lib
 from ztt_jax.commands import train as train_command
 
 class EveryProcessWriter(metrics.MetricWriter):
@@ -134,7 +135,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path, corpus):
   assert saved.train.steps == STEPS + 2 and saved.mesh.fsdp == 4
   assert jax.tree.leaves(params)[0].sharding.is_fully_addressable
   single_params = jax.device_get(state.params)
-  assert model.count_params(params) == model.count_params(single_params)
+  assert params_lib.count_params(params) == params_lib.count_params(single_params)
   chex.assert_trees_all_close(params, single_params, rtol=1e-3, atol=1e-5)
   out = jax.jit(module.apply)({'params': params}, np.zeros((1, 4), np.int32))
   assert np.isfinite(out.logits).all()

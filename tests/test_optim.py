@@ -8,13 +8,14 @@ import pytest
 from configs import tiny
 from ztt_jax import model
 from ztt_jax import optim
+from ztt_jax import params as params_lib
 from ztt_jax.errors import ConfigError
 
 
 def params():
   m = tiny.get_config('ztt').model
   m.vocab_size = 32
-  return model.abstract_params(model.build(m))
+  return params_lib.abstract_params(model.build(m))
 
 
 def test_decay_mask_spares_norms_zero_keys_and_gates():

@@ -28,6 +28,7 @@ import json, sys
 import jax
 from configs import tiny
 from ztt_jax import data, train
+from ztt_jax import params as params_lib
 
 def run(mesh, devices, corpus, workdir, init=None):
   config = tiny.get_config('ztt')
@@ -128,7 +129,7 @@ def test_default_rules_are_fsdp_plus_tensor_parallel():
     assert rules[name] is None, name
   # Every logical axis the model uses on a parameter has a rule.
   from ztt_jax import model  # pylint: disable=g-import-not-at-top
-  boxed = model.abstract_params(model.build(tiny.get_config().model.to_dict()
+  boxed = params_lib.abstract_params(model.build(tiny.get_config().model.to_dict()
                                             | {'vocab_size': 64}), boxed=True)
   used = set()
   for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, 'names')):

@@ -26,6 +26,7 @@ def load(workdir, step: int | None = None,
   # pylint: disable=g-import-not-at-top
   import jax
   from ztt_jax import checkpoint, configlib, model
+  from ztt_jax import params as params_lib
   # pylint: enable=g-import-not-at-top
   config, step = checkpoint.read_config(workdir, step)
   config = configlib.override(config, overrides or {})
@@ -38,5 +39,5 @@ def load(workdir, step: int | None = None,
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      model.abstract_params(module))
+      params_lib.abstract_params(module))
   return module, checkpoint.restore_params(workdir, step, abstract), config

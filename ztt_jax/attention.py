@@ -156,7 +156,7 @@ def dot_product_attention(
   before: K = 128 with a zero token (W = 136) needs Hopper, and jax says so
   in one error otherwise.
 
-  Masks, as `model.Attention` uses them:
+  Masks, as `layers.Attention` uses them:
     positions_BxT None: self-attention over the T keys of the same tokens
       (S == T, positions ascending): causal (`is_causal`). With a zero
       token a throwaway query row is put first, so that on the square

@@ -18,7 +18,7 @@ the measured value and whether it is met.
 Prints one JSON object. The step runs on random tokens of the config's
 shape (no data is read), after warm-up; the time is the median of `--steps`
 timed steps, each blocked until its metrics are ready. MFU divides model
-FLOPs (`model.flops_per_token`, every executed layer) by a matmul peak
+FLOPs (`params.flops_per_token`, every executed layer) by a matmul peak
 measured in the same run on the same devices, in the compute dtype.
 """
 
@@ -33,6 +33,8 @@ import ml_collections
 
 from ztt_jax import metrics
 from ztt_jax import model as model_lib
+from ztt_jax import model_config
+from ztt_jax import params as params_lib
 from ztt_jax import train
 from ztt_jax.errors import check
 
@@ -86,24 +88,24 @@ def bench(config: ml_collections.ConfigDict, steps: int = 20,
       jax.block_until_ready(out)
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  flops_per_token = model_lib.flops_per_token(setup.model_cfg, t)
+  flops_per_token = params_lib.flops_per_token(setup.model_cfg, t)
   if peak is None:
     peak = metrics.measure_matmul_peak(
-        dtype=model_lib.DTYPES[setup.model_cfg.dtype])
+        dtype=model_config.DTYPES[setup.model_cfg.dtype])
   n_devices = len(setup.mesh.devices.flat)
   # The model's own MLP matmul ([tokens, D] x [D, F]): how fast this machine
   # runs the shapes the step is made of, against the square-matmul peak.
   mlp_shape = (b * t // n_devices, setup.model_cfg.d_model,
                setup.model_cfg.resolved_d_ff)
   mlp_flops = metrics.measure_matmul_peak(
-      dtype=model_lib.DTYPES[setup.model_cfg.dtype], shape=mlp_shape,
+      dtype=model_config.DTYPES[setup.model_cfg.dtype], shape=mlp_shape,
       repeats=20)
   memory = compiled.memory_analysis()
   result = {
       'config': setup.model_cfg.variant,
       'attention': setup.model_cfg.attention,
       'n_cycles': setup.model_cfg.cycles,
-      'params': model_lib.count_params(abstract.params),
+      'params': params_lib.count_params(abstract.params),
       'batch_size': b, 'seq_len': t, 'devices': n_devices,
       'step_s_median': step_s,
       'step_s_min': min(times), 'step_s_max': max(times),
@@ -145,16 +147,16 @@ def compare(config: ml_collections.ConfigDict, steps: int = 20,
   """`bench` of `config`, plus the baseline, attention and compile-time
   comparisons."""
   check(not attention_baseline
-        or attention_baseline in model_lib.ATTENTIONS,
+        or attention_baseline in model_config.ATTENTIONS,
         f'--attention_baseline={attention_baseline!r} is not one of '
-        f'{model_lib.ATTENTIONS}')
+        f'{model_config.ATTENTIONS}')
   result = bench(config, steps, warmup)
   peak = result['matmul_peak_flops_per_s']
   targets = {'mfu': dict(value=result['mfu'], target=f'>= {MFU_TARGET}',
                          met=result['mfu'] >= MFU_TARGET)}
   if baseline:
-    check(baseline in model_lib.VARIANTS, f'--baseline={baseline!r} is not '
-          f'one of {model_lib.VARIANTS}')
+    check(baseline in model_config.VARIANTS, f'--baseline={baseline!r} is not '
+          f'one of {model_config.VARIANTS}')
     base = bench(_variant(config, variant=baseline, zero_pool='auto',
                           gate='auto', exit_loss='auto'), steps, warmup, peak)
     result['baseline'] = base

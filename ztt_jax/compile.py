@@ -40,6 +40,7 @@ import ml_collections
 
 from ztt_jax import checkpoint
 from ztt_jax import model as model_lib
+from ztt_jax import params as params_lib
 from ztt_jax import sharding
 from ztt_jax import train
 from ztt_jax.errors import ConfigError, check
@@ -250,14 +251,14 @@ def aot_compile(config: ml_collections.ConfigDict, devices,
   total = (sizes['argument'] + sizes['output'] - sizes['alias']
            + sizes['temp'] + sizes['generated_code'])
   n_devices = len(devices)
-  model_flops = model_lib.flops_per_token(setup.model_cfg, seq_len) * (
+  model_flops = params_lib.flops_per_token(setup.model_cfg, seq_len) * (
       batch_size * seq_len) / n_devices
   report = {
       'devices': n_devices,
       'device_kind': devices[0].device_kind,
       'mesh': dict(setup.mesh.shape),
       'variant': setup.model_cfg.variant,
-      'params': model_lib.count_params(abstract.params),
+      'params': params_lib.count_params(abstract.params),
       'executed_layers': setup.model_cfg.executed_layers,
       'batch_size': batch_size,
       'seq_len': seq_len,
@@ -369,7 +370,7 @@ def format_report(report: dict[str, Any]) -> str:
       f"{'n/a' if flops is None else f'{flops:.4g}'} (XLA cost analysis, "
       'which counts a loop body once), '
       f"model {report['model_flops_per_device']:.4g} "
-      '(model.flops_per_token x tokens / devices)',
+      '(params.flops_per_token x tokens / devices)',
       *_roofline_lines(report),
       json.dumps(report),
   ]

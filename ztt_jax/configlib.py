@@ -10,7 +10,7 @@ need; every field the code reads is declared here once, with its default.
 * `with_defaults(saved)` fills in the fields a config saved with an older
   checkpoint lacks.
 * `validate(config)` does every check that needs neither data nor devices
-  (the model's in `model.ModelConfig.from_config`, the optimiser's in
+  (the model's in `ModelConfig.from_config`, the optimiser's in
   `optim.make_optimizer`); data checks are `validate_data`.
 Each raises `ConfigError` with a one-line message.
 """
@@ -29,19 +29,18 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from ztt_jax import model
 from ztt_jax import optim
 from ztt_jax import tokenizers
 from ztt_jax.errors import ConfigError, check
+from ztt_jax.model_config import ModelConfig
 
 NAN_POLICIES = ('stop', 'skip')
 
 
 def model_config(variant: str = 'ztt') -> ml_collections.ConfigDict:
-  """`config.model`: every `model.ModelConfig` field, 'auto' where derived."""
+  """`config.model`: every `ModelConfig` field, 'auto' where derived."""
   m = ml_collections.ConfigDict(
-      {f: getattr(model.ModelConfig, f)
-       for f in model.ModelConfig.__dataclass_fields__})
+      {f: getattr(ModelConfig, f) for f in ModelConfig.__dataclass_fields__})
   m.variant = variant
   m.vocab_size = 0  # 0: the tokenizer's vocabulary size.
   # 'auto': cycle_layer / token / linear for ztt, none for the baselines.
@@ -319,7 +318,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # The model config, with a placeholder vocabulary until the tokenizer runs.
   model_config = config.model.to_dict()
   model_config['vocab_size'] = model_config['vocab_size'] or 256
-  model.ModelConfig.from_config(model_config)
+  ModelConfig.from_config(model_config)
   optim.make_optimizer(t)
 
 

@@ -61,6 +61,8 @@ from ztt_jax import checkpoint
 from ztt_jax import configlib
 from ztt_jax import data
 from ztt_jax import model as model_lib
+from ztt_jax import model_config
+from ztt_jax import params as params_lib
 from ztt_jax import tokenizers
 from ztt_jax.errors import ConfigError, check
 
@@ -393,7 +395,7 @@ def layer_split(variant: str, n_layers: int, n_head_layers=None,
               n_cycles=c)
 
 
-def build_params(cfg: model_lib.ModelConfig, top, layers, mid_init: str):
+def build_params(cfg: model_config.ModelConfig, top, layers, mid_init: str):
   """ZTT params (scanned layout, no zero keys or gate yet) and the layer map."""
   check(mid_init in MID_INITS, f'--mid_init={mid_init!r} is not one of '
         f'{MID_INITS}')
@@ -418,7 +420,7 @@ def build_params(cfg: model_lib.ModelConfig, top, layers, mid_init: str):
   return params, layer_map
 
 
-def _middle_statistics(cfg: model_lib.ModelConfig, params, tokens_BxT):
+def _middle_statistics(cfg: model_config.ModelConfig, params, tokens_BxT):
   """Queries and key log-sum-exps of every middle layer in every cycle of
   the head_tail_cycle pass (no zero token, no gate) of these params:
   `q` [C, L, B, T, H, K] (rotary applied) and `lse` [C, L, B, T, H], as the
@@ -434,11 +436,11 @@ def _middle_statistics(cfg: model_lib.ModelConfig, params, tokens_BxT):
     attn = state['intermediates']['mid']['cycle']['stack']['layers']['attn']
     return attn['queries'][0], attn['key_lse'][0]
 
-  q, lse = run(model_lib.convert_params(params, scan_layers=True), tokens_BxT)
+  q, lse = run(params_lib.convert_params(params, scan_layers=True), tokens_BxT)
   return np.asarray(q), np.asarray(lse)
 
 
-def suppressing_keys(cfg: model_lib.ModelConfig, q_CxLxBxTxHxK, lse_CxLxBxTxH,
+def suppressing_keys(cfg: model_config.ModelConfig, q_CxLxBxTxHxK, lse_CxLxBxTxH,
                      zero_mass: float) -> tuple[np.ndarray, np.ndarray]:
   """Zero keys in the stored pool shape, each `-r * mean query direction`,
   and the mass each reaches on the calibration queries [pool..., H]."""
@@ -468,7 +470,7 @@ def suppressing_keys(cfg: model_lib.ModelConfig, q_CxLxBxTxHxK, lse_CxLxBxTxH,
       mass, best[..., None], -1)[..., 0]
 
 
-def calibration_tokens(cfg: model_lib.ModelConfig, calib_data: str,
+def calibration_tokens(cfg: model_config.ModelConfig, calib_data: str,
                        seed: int = 0) -> np.ndarray:
   """[CALIB_BATCH, <= CALIB_LEN] token ids: byte windows of `calib_data`
   (a `data.path`: file, directory, glob or builtin:stdlib; byte b is id b,
@@ -519,8 +521,8 @@ def convert(hf_dir: str, workdir: str, variant: str = 'ztt',
   check(mid_init in MID_INITS, f'--mid_init={mid_init!r} is not one of '
         f'{MID_INITS}')
   check(0.0 < zero_mass < 1.0, f'--zero_mass={zero_mass} must be in (0, 1)')
-  check(variant in model_lib.VARIANTS, f'--variant={variant!r} is not one '
-        f'of {model_lib.VARIANTS}')
+  check(variant in model_config.VARIANTS, f'--variant={variant!r} is not one '
+        f'of {model_config.VARIANTS}')
   workdir = os.path.abspath(workdir)
   check(not os.path.exists(checkpoint.checkpoint_dir(workdir)),
         f'{workdir} already holds checkpoints; pass a new --workdir')
@@ -533,7 +535,7 @@ def convert(hf_dir: str, workdir: str, variant: str = 'ztt',
   config.model.update(split)
   config.model.update(zero_pool=zero_pool, gate=gate, exit_loss=exit_loss,
                       gate_bias_init=float(gate_bias))
-  cfg = model_lib.ModelConfig.from_config(config.model)
+  cfg = model_config.ModelConfig.from_config(config.model)
   # Save resolved values ('auto' filled in): the config is the model's record.
   config.model.update({f.name: getattr(cfg, f.name)
                        for f in dataclasses.fields(cfg)})
@@ -581,7 +583,7 @@ def convert(hf_dir: str, workdir: str, variant: str = 'ztt',
     report['gate_bias'] = gate_bias
 
   params = jax.tree.map(jnp.asarray, params)
-  abstract = model_lib.abstract_params(module)
+  abstract = params_lib.abstract_params(module)
   if (jax.tree.structure(abstract) != jax.tree.structure(params) or any(
       a.shape != p.shape for a, p in zip(jax.tree.leaves(abstract),
                                          jax.tree.leaves(params)))):
@@ -608,7 +610,7 @@ def convert(hf_dir: str, workdir: str, variant: str = 'ztt',
   _save(workdir, config, params)
   if tokenizer is not None:
     tokenizer.save(workdir)
-  report['params'] = model_lib.count_params(params)
+  report['params'] = params_lib.count_params(params)
   report['checkpoint'] = checkpoint.checkpoint_dir(workdir) + '/0'
   with open(os.path.join(workdir, 'convert.json'), 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=1)
@@ -707,7 +709,7 @@ def init_state_from(init_from: str, setup, abstract, shardings):
   The model settings must match the saved ones (see `_FREE_FIELDS`).
   """
   saved, step = checkpoint.read_config(init_from)
-  saved_cfg = model_lib.ModelConfig.from_config(saved.model)
+  saved_cfg = model_config.ModelConfig.from_config(saved.model)
   cfg = setup.model_cfg
   differ = [f.name for f in dataclasses.fields(cfg)
             if f.name not in _FREE_FIELDS
@@ -721,13 +723,13 @@ def init_state_from(init_from: str, setup, abstract, shardings):
         init_from, step, checkpoint.with_sharding(abstract.params,
                                                   shardings.params))
   else:
-    scanned = model_lib.abstract_params(model_lib.Transformer(saved_cfg))
+    scanned = params_lib.abstract_params(model_lib.Transformer(saved_cfg))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = checkpoint.restore_params(init_from, step, jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
         scanned))
     params = jax.device_put(
-        model_lib.convert_params(params, cfg.scan_layers), shardings.params)
+        params_lib.convert_params(params, cfg.scan_layers), shardings.params)
   opt_state = jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(
       params)
   step0 = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)

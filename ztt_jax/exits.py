@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import optax
 
 from ztt_jax import model as model_lib
+from ztt_jax import model_config
+from ztt_jax import ztt
 from ztt_jax.errors import check
 
 CRITERIA = ('none', 'fixed', 'zero_attention', 'zero_weight', 'zero_margin',
@@ -96,7 +98,7 @@ def chunked_cross_entropy(logits_fn, h_BxTxD: jax.Array, targets_BxT,
   return ce_NxBxK.swapaxes(0, 1).reshape(b, n * chunk_len)[:, :t]
 
 
-def feature_losses(cfg: model_lib.ModelConfig, logits_fn,
+def feature_losses(cfg: model_config.ModelConfig, logits_fn,
                    features_CxBxTxD: jax.Array, targets_BxT: jax.Array,
                    rng: jax.Array) -> jax.Array:
   """Mean token cross-entropy of every exit head [C], running the LM head
@@ -123,11 +125,11 @@ def feature_losses(cfg: model_lib.ModelConfig, logits_fn,
   return jnp.concatenate([early_ce.reshape(c - 1, -1).mean(1), last])
 
 
-def training_loss(cfg: model_lib.ModelConfig, ce_C: jax.Array) -> jax.Array:
+def training_loss(cfg: model_config.ModelConfig, ce_C: jax.Array) -> jax.Array:
   """The objective: exit-head losses weighted per `model.exit_loss`."""
   if not cfg.exit_heads:
     return ce_C[-1]
-  return jnp.sum(model_lib.exit_weights(cfg) * ce_C)
+  return jnp.sum(ztt.exit_weights(cfg) * ce_C)
 
 
 def kl_divergence(logits_xV, prev_logits_xV) -> jax.Array:
@@ -140,7 +142,7 @@ def kl_divergence(logits_xV, prev_logits_xV) -> jax.Array:
 def statistic(criterion: str, source, logits=None, prev_logits=None
               ) -> jax.Array | None:
   """The exit statistic per token after a cycle, from `source` (a
-  `model.CycleOutput` of a decoding step, or a `model.ModelOutput`, whose
+  `ztt.CycleOutput` of a decoding step, or a `model.ModelOutput`, whose
   fields carry a leading C axis: every cycle at once) and, for KL, this and
   the previous exit head's logits (`prev_logits=None`: the first cycle,
   where KL is +inf). None when the model lacks what the criterion reads;
@@ -178,7 +180,7 @@ class ExitRule:
   criterion: str = 'none'
   min_cycles: int = 1
 
-  def validate(self, cfg: model_lib.ModelConfig) -> ExitRule:
+  def validate(self, cfg: model_config.ModelConfig) -> ExitRule:
     check(self.criterion in CRITERIA,
           f'exit.criterion={self.criterion!r} is not one of {CRITERIA}')
     check(1 <= self.min_cycles <= cfg.cycles,

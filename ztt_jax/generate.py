@@ -35,6 +35,7 @@ import ztt_jax
 from ztt_jax import exits
 from ztt_jax import lru
 from ztt_jax import model as model_lib
+from ztt_jax import model_config
 from ztt_jax import tokenizers
 from ztt_jax.errors import check
 from ztt_jax.exits import ExitRule
@@ -51,12 +52,12 @@ class Cache(NamedTuple):
   tail: Any
 
 
-def init_cache(cfg: model_lib.ModelConfig, batch: int, length: int) -> Cache:
+def init_cache(cfg: model_config.ModelConfig, batch: int, length: int) -> Cache:
   check(cfg.positions != 'learned' or length <= cfg.max_seq_len,
         f'prompt plus new tokens ({length}) exceed the learned position table '
         f'(model.max_seq_len={cfg.max_seq_len}); ask for fewer tokens')
   shape = (batch, length, cfg.resolved_kv_heads, cfg.resolved_head_dim)
-  dtype = model_lib.DTYPES[cfg.dtype]
+  dtype = model_config.DTYPES[cfg.dtype]
 
   def zeros(*lead):
     return (jnp.zeros(lead + shape, dtype), jnp.zeros(lead + shape, dtype))

@@ -44,8 +44,10 @@ from ztt_jax import generate
 from ztt_jax import lru
 from ztt_jax import metrics as metrics_lib
 from ztt_jax import model as model_lib
+from ztt_jax import model_config
 from ztt_jax import multihost
 from ztt_jax import optim
+from ztt_jax import params as params_lib
 from ztt_jax import sharding
 from ztt_jax.errors import check
 from ztt_jax.errors import check_local_path
@@ -58,7 +60,7 @@ class TrainState:
   opt_state: Any
 
 
-def loss_fn(module, model_cfg: model_lib.ModelConfig, params, batch, rng,
+def loss_fn(module, model_cfg: model_config.ModelConfig, params, batch, rng,
             deterministic: bool):
   """Training loss (exit heads weighted per `model.exit_loss`) and metrics.
 
@@ -209,7 +211,7 @@ class Setup:
           'model.vocab_size=0 means the tokenizer\'s size, which needs the '
           'data; set --config.model.vocab_size (e.g. 32768)')
     self.config = config
-    self.model_cfg = model_lib.ModelConfig.from_config(config.model)
+    self.model_cfg = model_config.ModelConfig.from_config(config.model)
     self.module = model_lib.Transformer(self.model_cfg)
     self.tx, self.schedule = optim.make_optimizer(config.train)
 
@@ -345,8 +347,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
                                  config.checkpoint.every_steps,
                                  config.checkpoint.keep,
                                  config.checkpoint.async_save)
-  n_params = model_lib.count_params(abstract.params)
-  flops = model_lib.flops_per_token(model_cfg, config.data.seq_len)
+  n_params = params_lib.count_params(abstract.params)
+  flops = params_lib.flops_per_token(model_cfg, config.data.seq_len)
   writer.print(f'ztt-train: {model_cfg.variant}, {n_params:,} distinct params, '
                f'{model_cfg.executed_layers} layers executed per token, '
                f'{flops / 1e6:.2f} MFLOPs/token (train), mesh '
@@ -681,7 +683,7 @@ def _check_same_model(ckpt, step: int, config) -> None:
     return  # Unreadable: restore_latest_good quarantines it.
   # Fields added after a checkpoint was written take their defaults.
   defaults = {f.name: f.default
-              for f in dataclasses.fields(model_lib.ModelConfig)}
+              for f in dataclasses.fields(model_config.ModelConfig)}
   saved_model = {**defaults, **saved.model.to_dict()}
   differ = sorted(k for k in config.model.keys()
                   if saved_model.get(k) != config.model[k]
