@@ -43,12 +43,14 @@ def model_numbers(path: str, seq_len: int = 64) -> dict:
   """Distinct params, layers run per token and train FLOPs per token."""
   from ztt_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from ztt_jax import model  # pylint: disable=g-import-not-at-top
+  from ztt_jax import model_config  # pylint: disable=g-import-not-at-top
+  from ztt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   config, _ = checkpoint.read_config(path)
-  cfg = model.ModelConfig.from_config(config.model)
+  cfg = model_config.ModelConfig.from_config(config.model)
   return dict(
-      params=model.count_params(model.abstract_params(model.build(cfg))),
+      params=params_lib.count_params(params_lib.abstract_params(model.build(cfg))),
       layers=cfg.executed_layers,
-      flops=model.flops_per_token(cfg, config.data.get('seq_len', seq_len)))
+      flops=params_lib.flops_per_token(cfg, config.data.get('seq_len', seq_len)))
 
 
 def collect(out: str, steps: int) -> dict:
@@ -365,7 +367,7 @@ Distinct layers: 1 head + 2 middle + 1 tail (BC cycles all 4). Validation
 loss: 20 fixed batches of 12 x 64 from the validation split, after the last
 step. Seeds {', '.join(map(str, grid.SEEDS))} change both the init and the
 data order. Training FLOPs per token count every executed layer, exit
-heads included (`model.flops_per_token`).
+heads included (`params.flops_per_token`).
 
 ## Equal distinct-parameter budget, and equal compute
 

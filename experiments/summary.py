@@ -43,14 +43,16 @@ def model_fields(path: str) -> dict:
   """What the summary says of a run's model, from its saved config."""
   from ztt_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from ztt_jax import model  # pylint: disable=g-import-not-at-top
+  from ztt_jax import model_config  # pylint: disable=g-import-not-at-top
+  from ztt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   config, _ = checkpoint.read_config(path)
-  cfg = model.ModelConfig.from_config(config.model)
+  cfg = model_config.ModelConfig.from_config(config.model)
   return dict(
       variant=cfg.variant, n_cycles=cfg.cycles, exit_loss=cfg.exit_loss,
       gate=cfg.gate, zero_key=cfg.zero_key,
-      distinct_params=model.count_params(model.abstract_params(
+      distinct_params=params_lib.count_params(params_lib.abstract_params(
           model.build(cfg))),
-      flops_per_token=model.flops_per_token(cfg, config.data.seq_len))
+      flops_per_token=params_lib.flops_per_token(cfg, config.data.seq_len))
 
 
 def run_entry(out: str, run, seeds, steps: int) -> dict | None:

@@ -20,6 +20,7 @@ import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
 import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ztt_jax import model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ztt_jax import model_config
 
 
 def test_schedule_trains_the_main_grid_at_every_seed_first():
@@ -39,7 +40,7 @@ def test_every_run_is_a_valid_model_and_equal_compute_matches():
              n_head_layers=1, n_mid_layers=2, n_tail_layers=1, n_cycles=3,
              zero_pool='auto', gate='auto', exit_loss='auto')
     m.update({k.split('.', 1)[1]: v for k, v in run.overrides})
-    return model.ModelConfig.from_config(m)
+    return model_config.ModelConfig.from_config(m)
   cfgs = {r.name: cfg(r) for r in grid.MAIN + grid.ABLATIONS}
   for c in (2, 4):
     eq = cfgs['vanilla_6' if c == 2 else 'vanilla_10']
@@ -113,7 +114,7 @@ def fair_cfg(run):
            zero_pool='auto', gate='auto', exit_loss='auto')
   m.update({k.split('.', 1)[1]: v for k, v in run.overrides
             if k.startswith('model.')})
-  return model.ModelConfig.from_config(m)
+  return model_config.ModelConfig.from_config(m)
 
 
 def test_fair_grid_compares_one_change_at_a_time():

@@ -19,6 +19,7 @@ import ztt_jax
 from configs import tiny
 from ztt_jax import data
 from ztt_jax import model
+from ztt_jax import params as params_lib
 from ztt_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from ztt_jax import configlib
+from ztt_jax import params as params_lib
 from ztt_jax import sharding
 from ztt_jax.errors import ConfigError
 

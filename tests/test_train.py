@@ -139,12 +139,31 @@ def test_an_equal_setup_reuses_the_jitted_programs(tmp_path, corpus):
     assert setup.jit_train_step()[0] is not programs[0], (section, name)
 
 
+def tree_listing(path) -> dict[str, int]:
+  return {str(p.relative_to(path)): p.stat().st_size
+          for p in pathlib.Path(path).rglob('*') if p.is_file()}
+
+
 def test_resume_with_another_model_shape_is_refused(tmp_path, corpus):
   config = small_config(corpus, steps=3)
+  config.model.attention = 'xla'
   train.train(config, str(tmp_path / 'run'))
-  config.model.d_model = 64
-  with pytest.raises(ConfigError, match='d_model'):
-    train.train(config, str(tmp_path / 'run'))
+  before = tree_listing(tmp_path / 'run')
+  for field, value in (('d_model', 64), ('n_cycles', 2), ('gate', 'none'),
+                       ('exit_loss', 'uniform'), ('scan_layers', False)):
+    changed = small_config(corpus, steps=3)
+    changed.model[field] = value
+    with pytest.raises(ConfigError, match=f'{field}: '):
+      train.train(changed, str(tmp_path / 'run'))
+    # Refused before anything is written: no new TensorBoard event file,
+    # metrics row or checkpoint.
+    assert tree_listing(tmp_path / 'run') == before, field
+  # An execution-only field (its effect is 'none') may change on a resume,
+  # as it may on `ztt_jax.load`: the run continues from its checkpoint.
+  config.model.attention = 'dot_product'
+  config.train.steps = 5
+  train.train(config, str(tmp_path / 'run'))
+  assert sorted(losses(tmp_path / 'run')) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize('corpus_kind, change, message', [

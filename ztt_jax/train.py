@@ -15,7 +15,6 @@ a resumed run takes exactly the steps an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -324,6 +323,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
         'no optimizer state; fine-tune in a new --workdir')
   metrics_lib.require_wandb(config)
   _check_writable(workdir)
+  check_resumable(workdir, config)
   multihost.check_shared_workdir(workdir, multihost.Comms.from_jax())
   setup = Setup(config, workdir)
   config, module, model_cfg = setup.config, setup.module, setup.model_cfg
@@ -357,7 +357,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   with setup.context():
     latest, state = ckpt.latest_step(), None
     if latest is not None:
-      _check_same_model(ckpt, latest, config)
       target = checkpoint.with_sharding(abstract, shardings)
       state, latest = ckpt.restore_latest_good(target, data_iter,
                                                writer.print)
@@ -676,24 +675,26 @@ def _check_writable(workdir: str) -> None:
         'workdir you can write to')
 
 
-def _check_same_model(ckpt, step: int, config) -> None:
+def check_resumable(workdir: str, config) -> None:
+  """Refuses, before anything is written, to resume a workdir whose latest
+  checkpoint was trained with other model settings than `config`'s: of
+  those, only fields whose effect is 'none' (`model_config.effect`: dtype,
+  remat policy, attention path, ...) may change on a resume."""
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    return
   try:
-    saved, _ = checkpoint.read_config(os.path.dirname(ckpt.directory), step)
+    saved, _ = checkpoint.read_config(workdir)
   except Exception:  # pylint: disable=broad-except
     return  # Unreadable: restore_latest_good quarantines it.
-  # Fields added after a checkpoint was written take their defaults.
-  defaults = {f.name: f.default
-              for f in dataclasses.fields(model_config.ModelConfig)}
-  saved_model = {**defaults, **saved.model.to_dict()}
-  differ = sorted(k for k in config.model.keys()
-                  if saved_model.get(k) != config.model[k]
-                  and k not in ('remat_policy', 'scan_layers', 'dropout',
-                                'dtype', 'ce_chunk_len'))
-  changes = ', '.join(f'{k}: {saved_model.get(k)!r} -> {config.model[k]!r}'
-                      for k in differ)
-  check(not differ,
-        f'the checkpoint in {ckpt.directory} was trained with different model '
-        f'settings ({changes}); use a new --workdir or the same config')
+  new = config.model.to_dict()
+  # 0: the tokenizer's size, which a resume reads from this workdir.
+  new['vocab_size'] = new['vocab_size'] or saved.model.vocab_size
+  changes = model_config.changed(saved.model, new,
+                                 model_config.RESUME_FIXED)
+  check(not changes,
+        f'the checkpoint in {checkpoint.checkpoint_dir(workdir)} was trained '
+        f'with different model settings ({model_config.describe(changes)}); '
+        'use a new --workdir or the same config')
 
 
 def _print_summary(writer, setup: Setup, params, eval_set, summary):
