@@ -52,7 +52,7 @@ def main() -> None:
       f.write(line + '\n')
     print(line, flush=True)
     prof = subprocess.run(
-        [sys.executable, os.path.join(REPO, 'experiments', 'profile_step.py'),
+        [sys.executable, '-m', 'experiments.profile_step',
          'ztt', *[a for a in extra if a.startswith('--config.')]],
         cwd=REPO, check=True, capture_output=True, text=True).stdout
     with open(os.path.join(OUT, f'{name}.profile.txt'), 'w',

@@ -18,11 +18,12 @@ import sys
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-from configs import shakespeare_char  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ztt_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ztt_jax import configlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ztt_jax import compile as compile_lib
+from ztt_jax import configlib
+
+# The config file the rows start from (any working directory).
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), 'configs', 'shakespeare_char.py')
 
 VOCAB_SIZE = 32768
 # (label, model overrides): the exit-head loss settings compared.
@@ -37,7 +38,7 @@ SETTINGS = (
 def memory_rows(variant: str, overrides: dict[str, str]) -> list[dict]:
   rows = []
   for label, model_overrides in SETTINGS:
-    config = shakespeare_char.get_config(variant)
+    config = configlib.from_file(f'{CONFIG}:{variant}')
     config = configlib.override(config, overrides)
     config.model.update(vocab_size=VOCAB_SIZE, **model_overrides)
     report = compile_lib.aot_compile(config, jax.devices()[:1])

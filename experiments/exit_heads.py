@@ -31,49 +31,41 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import exit_head_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import exit_head_memory
+from experiments import records
+from experiments import runner
+from experiments.study import Run, Study
 
-REPO = run_all.REPO
+REPO = runner.REPO
 CONFIG = 'configs/shakespeare_char.py:ztt'
-STEPS = 2000
-SEEDS = (0, 1, 2)
-# name: ztt-train flags of a training run.
-RUNS = {'all_positions': [],
-        'fraction_0p25': ['--config.model.exit_loss_fraction=0.25']}
-BIN = os.path.dirname(sys.executable)
+BIN = runner.BIN
+# The training runs: the config as it is, 2000 steps, seeds 0, 1, 2.
+STUDY = Study(
+    name='exit_heads', config=CONFIG, steps=2000,
+    step_flags=('--config.sample.max_new_tokens=0',),
+    main=(Run('all_positions', 'main', 'every exit head on all positions',
+              ()),
+          Run('fraction_0p25', 'main', 'intermediate exit losses on a '
+              'random quarter of the positions',
+              (('model.exit_loss_fraction', 0.25),))),
+    seeds=(0, 1, 2), out='runs/exit_heads')
 
 
 def final_val_loss(path: str) -> float:
-  with open(os.path.join(path, 'metrics.jsonl'), encoding='utf-8') as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [r['val_loss'] for r in rows
-          if r.get('step') == STEPS and 'val_loss' in r][-1]
+  return records.final_eval(records.read_rows(path), STUDY.steps)['val_loss']
 
 
 def train(data: str, out: str, jobs: int) -> dict:
-  todo = []
-  for seed in SEEDS:  # Seed by seed: a stopped study still pairs its runs.
-    for name, flags in RUNS.items():
-      path = run_all.workdir(out, name, seed)
-      if not run_all.finished(path, STEPS):
-        todo.append((f'{name} seed {seed}', [
-            os.path.join(BIN, 'ztt-train'), f'--config={CONFIG}',
-            f'--workdir={path}', f'--config.data.path={data}',
-            f'--config.seed={seed}', '--config.sample.max_new_tokens=0',
-            *flags], path + '.log'))
-  print(f'{len(todo)} run(s) to train, {jobs} at a time', flush=True)
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(
-      out, 'jax_cache'), PYTHONUNBUFFERED='1')
-  failures = run_all.run_jobs(todo, jobs, env)
+  failures = runner.train(STUDY, out, STUDY.schedule(), data, n_jobs=jobs)
   if failures:
     sys.exit(f'failed: {", ".join(failures)}')
   result = {}
   print('| setting | val loss per seed (0, 1, 2) | mean | spread |\n'
         '|---|---|---|---|')
-  for name in RUNS:
-    losses = [final_val_loss(run_all.workdir(out, name, s)) for s in SEEDS]
+  for run in STUDY.main:
+    name = run.name
+    losses = [final_val_loss(records.workdir(out, name, s))
+              for s in STUDY.seeds]
     result[name] = losses
     print(f'| `{name}` | {", ".join(f"{x:.4f}" for x in losses)} | '
           f'{statistics.mean(losses):.4f} | {max(losses) - min(losses):.4f} |')

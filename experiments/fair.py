@@ -18,62 +18,68 @@ ZTT C=4 with exit heads at a time.
 
 from __future__ import annotations
 
-from grid import Run, _run, ordered
+from experiments.study import Run, Study, model_run
 
-CONFIG = 'configs/default.py'
-STEPS = 1500
-STEP_FLAGS = (
-    '--config.model.d_model=32', '--config.model.n_heads=2',
-    '--config.model.n_mid_layers=1', '--config.data.seq_len=128',
-    '--config.train.batch_size=32', '--config.train.lr=0.003',
-    '--config.train.warmup_steps=100',
-    '--config.train.log_every_steps=100',
-    '--config.train.eval_every_steps=500', '--config.train.eval_batches=32',
-    '--config.checkpoint.every_steps=500',
-    '--config.sample.max_new_tokens=0')
-EVAL_BATCHES = 16  # Of 32 windows: the per-token early-exit sweep's set.
-EARLY_EXIT_FLAGS = ('--per=token', '--random_baseline', '--n_thresholds=4')
+VARIANTS = (('bc', 'basic_cycle', 'BC'), ('htc', 'head_tail_cycle', 'HTC'),
+            ('ztt', 'ztt', 'ZTT'))
+# ZTT's readings pinned to those the grid started with, so that a change
+# of the package defaults (model.gate, zero_pool) never reaches later seeds.
+PINNED = (('model.zero_pool', 'cycle_layer'), ('model.gate', 'token'))
 
-_VARIANTS = (('bc', 'basic_cycle', 'BC'), ('htc', 'head_tail_cycle', 'HTC'),
-             ('ztt', 'ztt', 'ZTT'))
 
-MAIN = [_run('vanilla', 'main', 'vanilla, 1+1+1 layers', 'vanilla')]
-for _c in (2, 4):
-  for _short, _variant, _label in _VARIANTS:
-    MAIN += [
-        _run(f'{_short}_c{_c}', 'main', f'{_label} C={_c}, no exit heads',
-             _variant, _c, exit_loss='none'),
-        _run(f'{_short}_c{_c}_exit', 'main',
-             f'{_label} C={_c}, exit heads (linear)', _variant, _c,
-             exit_loss='linear')]
-  MAIN.append(_run(f'vanilla_mid{_c}', 'main',
-                   f'vanilla, 1+{_c}+1 layers (compute of C={_c})',
-                   'vanilla', n_mid_layers=_c))
+def pinned(run: Run) -> Run:
+  """`run` with PINNED's readings added where it is ZTT and names none."""
+  if run.get('model.variant') != 'ztt':
+    return run
+  given = {k for k, _ in run.overrides}
+  return Run(run.name, run.group, run.label, run.overrides + tuple(
+      (k, v) for k, v in PINNED if k not in given))
 
-ABLATION_BASE = 'ztt_c4_exit'
+
+def main_runs() -> list[Run]:
+  """Vanilla; each variant at C=2 and 4 without and with exit heads; the
+  equal-compute vanilla of each C."""
+  runs = [model_run('vanilla', 'main', 'vanilla, 1+1+1 layers', 'vanilla')]
+  for c in (2, 4):
+    for short, variant, label in VARIANTS:
+      runs += [
+          model_run(f'{short}_c{c}', 'main', f'{label} C={c}, no exit heads',
+                    variant, c, exit_loss='none'),
+          model_run(f'{short}_c{c}_exit', 'main',
+                    f'{label} C={c}, exit heads (linear)', variant, c,
+                    exit_loss='linear')]
+    runs.append(model_run(f'vanilla_mid{c}', 'main',
+                          f'vanilla, 1+{c}+1 layers (compute of C={c})',
+                          'vanilla', n_mid_layers=c))
+  return runs
+
+
+def ablation(name: str, label: str, **model) -> Run:
+  """A change of ZTT C=4 with exit heads (linear unless it says)."""
+  return model_run(name, 'ablation', label, 'ztt', 4,
+                   **{'exit_loss': 'linear', **model})
+
+
 ABLATIONS = [
-    _run('abl_gate_input', 'ablation', 'gate reads the cycle input h',
-         'ztt', 4, exit_loss='linear', gate_input='input'),
-    _run('abl_gate_scalar', 'ablation', 'scalar gate per cycle', 'ztt', 4,
-         exit_loss='linear', gate='scalar'),
-    _run('abl_gate_none', 'ablation', 'no gate', 'ztt', 4,
-         exit_loss='linear', gate='none'),
-    _run('abl_exit_uniform', 'ablation', 'exit-loss weights uniform', 'ztt',
-         4, exit_loss='uniform'),
-    _run('abl_exit_final_heavy', 'ablation', 'exit-loss weights final-heavy',
-         'ztt', 4, exit_loss='final_heavy'),
-    _run('abl_exit_detach', 'ablation', 'early exit losses train only the '
-         'tail and LM head', 'ztt', 4, exit_loss='linear', exit_grad='detach'),
-    _run('abl_key_projected', 'ablation', 'zero key through each layer\'s '
-         'W_k', 'ztt', 4, exit_loss='linear', zero_key='projected'),
-    _run('abl_key_init_0p2', 'ablation', 'zero keys start 10x larger '
-         '(std 0.2)', 'ztt', 4, exit_loss='linear', zero_key_init_std=0.2),
+    ablation('abl_gate_input', 'gate reads the cycle input h',
+             gate_input='input'),
+    ablation('abl_gate_scalar', 'scalar gate per cycle', gate='scalar'),
+    ablation('abl_gate_none', 'no gate', gate='none'),
+    ablation('abl_exit_uniform', 'exit-loss weights uniform',
+             exit_loss='uniform'),
+    ablation('abl_exit_final_heavy', 'exit-loss weights final-heavy',
+             exit_loss='final_heavy'),
+    ablation('abl_exit_detach', 'early exit losses train only the tail and '
+             'LM head', exit_grad='detach'),
+    ablation('abl_key_projected', 'zero key through each layer\'s W_k',
+             zero_key='projected'),
+    ablation('abl_key_init_0p2', 'zero keys start 10x larger (std 0.2)',
+             zero_key_init_std=0.2),
+    # A slower gate is a training setting, not a model one.
+    Run('abl_gate_slow', 'ablation', 'gate updates x0.1',
+        (('model.variant', 'ztt'), ('model.n_cycles', 4),
+         ('model.exit_loss', 'linear'), ('train.gate_lr_scale', 0.1))),
 ]
-# A slower gate is a training setting, not a model one.
-ABLATIONS.append(Run('abl_gate_slow', 'ablation', 'gate updates x0.1',
-                     (('model.variant', 'ztt'), ('model.n_cycles', 4),
-                      ('model.exit_loss', 'linear'),
-                      ('train.gate_lr_scale', 0.1))))
 
 # The per-token early-exit sweeps (ztt-eval) on each run's first seed, one
 # per exit statistic, each in eval/early_exit_CRITERION.json: the zero-token
@@ -89,31 +95,22 @@ EARLY_EXIT = {
     # The one reading whose gates stay open with exit heads: every statistic.
     'abl_gate_scalar': ('zero_attention', 'zero_weight', 'zero_margin', 'kl'),
 }
-EARLY_EXIT_RUNS = tuple(EARLY_EXIT)
 
-# ZTT's readings pinned to those the grid started with, so that a change
-# of the package defaults (model.gate, zero_pool) never reaches later seeds.
-_PINNED = (('model.zero_pool', 'cycle_layer'), ('model.gate', 'token'))
-
-
-def _pinned(run: Run) -> Run:
-  if dict(run.overrides).get('model.variant') != 'ztt':
-    return run
-  given = {k for k, _ in run.overrides}
-  return Run(run.name, run.group, run.label, run.overrides + tuple(
-      (k, v) for k, v in _PINNED if k not in given))
-
-
-MAIN = [_pinned(r) for r in MAIN]
-ABLATIONS = [_pinned(r) for r in ABLATIONS]
-
-SEEDS = (0, 1, 2)
-ABLATION_SEEDS = (0,)
-
-
-def schedule(seeds=SEEDS, names=None, ablation_seeds=ABLATION_SEEDS):
-  return ordered(MAIN, ABLATIONS, seeds, names, ablation_seeds)
-
-
-def by_name(name: str) -> Run:
-  return {r.name: r for r in MAIN + ABLATIONS}[name]
+STUDY = Study(
+    name='fair', config='configs/default.py', steps=1500,
+    step_flags=(
+        '--config.model.d_model=32', '--config.model.n_heads=2',
+        '--config.model.n_mid_layers=1', '--config.data.seq_len=128',
+        '--config.train.batch_size=32', '--config.train.lr=0.003',
+        '--config.train.warmup_steps=100',
+        '--config.train.log_every_steps=100',
+        '--config.train.eval_every_steps=500',
+        '--config.train.eval_batches=32',
+        '--config.checkpoint.every_steps=500',
+        '--config.sample.max_new_tokens=0'),
+    main=tuple(pinned(r) for r in main_runs()), seeds=(0, 1, 2),
+    ablations=tuple(pinned(r) for r in ABLATIONS), ablation_seeds=(0,),
+    ablation_base='ztt_c4_exit', early_exit=EARLY_EXIT,
+    eval_batches=16,  # Of 32 windows: the per-token early-exit sweep's set.
+    early_exit_flags=('--per=token', '--random_baseline', '--n_thresholds=4'),
+    out='runs/fair')

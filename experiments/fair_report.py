@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fair  # pylint: disable=g-import-not-at-top,wrong-import-position
-import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
-import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import fair
+from experiments import plots
+from experiments import records
+from experiments import tables
+
+STUDY = fair.STUDY
 
 NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                      'fair_notes.md')
@@ -65,9 +64,9 @@ def _paired(ea: dict, eb: dict) -> tuple[list[float], list[float]]:
 
 def main_table(summ: dict) -> str:
   runs = _entries(summ)
-  lines = ['| run | distinct params | train FLOPs / token | val loss per '
-           'seed | mean | spread |', '|---|---|---|---|---|---|']
-  for run in fair.MAIN:
+  lines = tables.header('run', 'distinct params', 'train FLOPs / token',
+                        'val loss per seed', 'mean', 'spread')
+  for run in STUDY.main:
     e = runs.get(run.name)
     if e is None:
       lines.append(f'| `{run.name}`: {run.label} | | | not run yet | | |')
@@ -106,8 +105,8 @@ def comparison_pairs() -> list[tuple[str, str, str]]:
 
 def comparisons(summ: dict) -> str:
   runs = _entries(summ)
-  lines = ['| A | B | what differs | A - B, mean | A - B per seed | larger '
-           'seed spread | verdict |', '|---|---|---|---|---|---|---|']
+  lines = tables.header('A', 'B', 'what differs', 'A - B, mean',
+                        'A - B per seed', 'larger seed spread', 'verdict')
   for a, b, what in comparison_pairs():
     if a not in runs or b not in runs:
       lines.append(f'| `{a}` | `{b}` | {what} | not run yet | | | |')
@@ -124,32 +123,24 @@ def comparisons(summ: dict) -> str:
   return '\n'.join(lines)
 
 
-def _last(rows: list[dict], key: str):
-  found = [r[key] for r in rows if key in r]
-  return found[-1] if found else None
-
-
 def dynamics_table(out: str, names: list[str]) -> str:
   """Each exit head's val loss, the gates and the zero-token mass at the end
   of training, seed 0."""
-  lines = ['| run | val loss after cycle 1, 2, ... | gate per cycle | '
-           'zero-token mass per cycle |', '|---|---|---|---|']
-  fmt = lambda xs: ', '.join(f'{x:.3f}' for x in xs) if xs else 'n/a'
+  entries = []
   for name in names:
-    rows = report.read_rows(run_all.workdir(out, name, 0))
-    last = report.final_eval(rows, fair.STEPS)
-    if last is None:
-      continue
-    lines.append(f'| `{name}` | {fmt(last.get("val_loss_cycle"))} | '
-                 f'{fmt(_last(rows, "gate"))} | '
-                 f'{fmt(_last(rows, "zero_attention"))} |')
-  return '\n'.join(lines)
+    rows = records.read_rows(records.workdir(out, name, 0))
+    last = records.final_eval(rows, STUDY.steps)
+    if last is not None:
+      entries.append((name, last, rows))
+  return tables.dynamics_table(
+      ('run', 'val loss after cycle 1, 2, ...', 'gate per cycle',
+       'zero-token mass per cycle'), entries)
 
 
 def ablation_table(summ: dict) -> str:
   """Each ablation against the base run, paired by seed."""
   runs = _entries(summ)
-  base = runs.get(fair.ABLATION_BASE)
+  base = runs.get(STUDY.ablation_base)
   if base is None or 0 not in base['seeds']:
     return 'The base run has not finished seed 0 yet.'
   lines = ['| run | change from ZTT C=4 with exit heads | val loss per seed | '
@@ -157,10 +148,10 @@ def ablation_table(summ: dict) -> str:
            '|---|---|---|---|---|']
   b = dict(zip(base['seeds'], base['val_loss']))
   spread = max(base['val_loss']) - min(base['val_loss'])
-  lines.append(f'| `{fair.ABLATION_BASE}` | none | '
+  lines.append(f'| `{STUDY.ablation_base}` | none | '
                + ', '.join(f'{v:.4f} (s{s})' for s, v in b.items())
                + f' | (seed spread of the base: {spread:.4f}) | |')
-  for run in fair.ABLATIONS:
+  for run in STUDY.ablations:
     e = runs.get(run.name)
     if e is None:
       lines.append(f'| `{run.name}` | {run.label} | not run yet | | |')
@@ -227,7 +218,7 @@ def early_exit_table(summ: dict) -> str:
 
 def fixed_table(summ: dict) -> str:
   """Each sweep run's fixed depths (every token runs k cycles)."""
-  lines = ['| run | val loss at fixed depth 1, 2, ... cycles |', '|---|---|']
+  lines = tables.header('run', 'val loss at fixed depth 1, 2, ... cycles')
   by_run = {}
   for r in summ['early_exit']:
     if r['criterion'] == 'fixed':
@@ -251,7 +242,7 @@ def position_table(out: str, name: str, criteria) -> str:
            + ' | '.join(f'positions {b}' for b in bands) + ' |',
            '|---|---|---|' + '---|' * len(bands)]
   for c in criteria:
-    ruled = [r for r in summary.read_sweep(out, name, 0, c)
+    ruled = [r for r in records.read_sweep(records.workdir(out, name, 0), c)
              if r['criterion'] not in ('fixed', 'random')
              and 'mean_cycles_by_position' in r]
     if not ruled:
@@ -270,8 +261,8 @@ def position_table(out: str, name: str, criteria) -> str:
 
 def plot_seeds(summ: dict, path: str) -> None:
   """Every main run's final val loss, one dot per seed."""
-  plt = report._pyplot()  # pylint: disable=protected-access
-  runs = [r for r in fair.MAIN if r.name in _entries(summ)]
+  plt = plots.pyplot()
+  runs = [r for r in STUDY.main if r.name in _entries(summ)]
   if not runs:
     return
   fig, ax = plt.subplots(figsize=(10, 3.8), dpi=110)
@@ -286,15 +277,13 @@ def plot_seeds(summ: dict, path: str) -> None:
                      fontsize=7)
   ax.set_ylabel('final val loss (nats / byte)')
   ax.set_title('fair grid: one dot per seed, bar = mean', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def plot_early_exit(out: str, name: str, criteria, path: str) -> None:
   """Val loss against mean cycles: fixed depth, each rule, random."""
-  plt = report._pyplot()  # pylint: disable=protected-access
-  sweeps = [(c, summary.read_sweep(out, name, 0, c)) for c in criteria]
+  plt = plots.pyplot()
+  sweeps = [(c, records.read_sweep(records.workdir(out, name, 0), c)) for c in criteria]
   sweeps = [(c, rows) for c, rows in sweeps if rows]
   if not sweeps:
     return
@@ -327,9 +316,7 @@ def plot_early_exit(out: str, name: str, criteria, path: str) -> None:
   bx.set_title('mean cycles by position, each rule near 2 mean cycles',
                fontsize=9)
   bx.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 # ----------------------------------------------------------------- report --
@@ -344,8 +331,7 @@ def wall_hours(out: str) -> tuple[int, float]:
     d = os.path.join(out, name)
     for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
       if f.startswith('seed') and f.endswith('.wall') and f.count('.') == 1:
-        with open(os.path.join(d, f), encoding='utf-8') as fh:
-          seconds += sum(float(x) for x in fh.read().split())
+        seconds += records.wall_seconds(os.path.join(d, f[:-5])) or 0.0
         n += 1
   return n, seconds / 3600
 
@@ -356,12 +342,12 @@ def write_report(out: str, docs: str, summary_path: str) -> str:
   fig_dir = os.path.join(docs, 'results')
   os.makedirs(fig_dir, exist_ok=True)
   plot_seeds(summ, os.path.join(fig_dir, 'fair_seeds.png'))
-  plot_early_exit(out, 'ztt_c4_exit', fair.EARLY_EXIT['ztt_c4_exit'],
+  plot_early_exit(out, 'ztt_c4_exit', STUDY.early_exit['ztt_c4_exit'],
                   os.path.join(fig_dir, 'fair_early_exit.png'))
-  plot_early_exit(out, 'abl_gate_scalar', fair.EARLY_EXIT['abl_gate_scalar'],
+  plot_early_exit(out, 'abl_gate_scalar', STUDY.early_exit['abl_gate_scalar'],
                   os.path.join(fig_dir, 'fair_early_exit_scalar_gate.png'))
   found = {(r['name'], seed) for r in summ['runs'] for seed in r['seeds']}
-  scheduled = {(run.name, seed) for run, seed in fair.schedule()}
+  scheduled = {(run.name, seed) for run, seed in STUDY.schedule()}
   n_done, n_all = len(found & scheduled), len(scheduled)
   n_extra = len(found - scheduled)
   extra = (f', and {n_extra} more seeds of ablations' if n_extra else '')
@@ -371,13 +357,10 @@ def write_report(out: str, docs: str, summary_path: str) -> str:
             'most of them beside other work; at that mean the '
             f'{n_all} runs take about {hours / n_timed * n_all / 2:.0f} hours '
             'two at a time' if n_timed else 'no wall times recorded')
-  notes = ''
-  if os.path.exists(NOTES):
-    with open(NOTES, encoding='utf-8') as f:
-      notes = f.read().strip()
-  exit_runs = [r.name for r in fair.MAIN if r.name.endswith('_exit')
+  notes = records.read_notes(NOTES)
+  exit_runs = [r.name for r in STUDY.main if r.name.endswith('_exit')
                or r.name.startswith('ztt')]
-  flags = ' '.join(fair.STEP_FLAGS)
+  flags = ' '.join(STUDY.step_flags)
   text = f"""# Results: does ZTT do the paper's job?
 
 Regenerate everything below with one command, resumably (trains whatever is
@@ -396,9 +379,9 @@ tinyshakespeare, where cycling did not pay), [`results/regime.md`](results/regim
 (the search for a regime where it does), [`results/position.md`](results/position.md)
 (what the zero-token statistic measures).
 
-**Setup.** `{fair.CONFIG}` (byte tokens over the Python standard library's
+**Setup.** `{STUDY.config}` (byte tokens over the Python standard library's
 sources, `builtin:stdlib`, 28 MB) with `{flags}`: 1 head + 1 middle + 1 tail
-distinct layers 32 wide, {fair.STEPS} steps of 32 x 128 bytes (6.1M tokens).
+distinct layers 32 wide, {STUDY.steps} steps of 32 x 128 bytes (6.1M tokens).
 Seeds fix the init and the data order of every variant alike, so
 comparisons are paired by seed. Validation loss: 32 fixed batches of the
 held-out tail after the last step. `_exit` runs train an exit head (the
@@ -427,12 +410,12 @@ seeds.
 
 {ablation_table(summ)}
 
-{dynamics_table(out, [fair.ABLATION_BASE] + [r.name for r in fair.ABLATIONS])}
+{dynamics_table(out, [STUDY.ablation_base] + [r.name for r in STUDY.ablations])}
 
 ## 4. Does the zero-token statistic tell when to stop? (claim b)
 
 `ztt-eval --per=token --random_baseline --n_thresholds=4
---batches={fair.EVAL_BATCHES} --criterion=C` on each run's seed 0: every
+--batches={STUDY.eval_batches} --criterion=C` on each run's seed 0: every
 token decoded one at a time through the KV cache, as `ztt-generate` does,
 exiting once the statistic of its last cycle passes the threshold; `random`
 deals out the rule's own cycles at random; `cycles run` counts what the
@@ -444,7 +427,7 @@ by more than {MARGIN} nats (smaller differences are ties); "met" is judged
 on the mean cycles (what per-token routing could save) and on the cycles
 the batched loop ran.
 
-Fixed depths (the same {fair.EVAL_BATCHES} batches):
+Fixed depths (the same {STUDY.eval_batches} batches):
 
 {fixed_table(summ)}
 
@@ -459,7 +442,7 @@ The same with a scalar gate (`abl_gate_scalar`, whose gates stay open):
 Where in the window each rule exits (`ztt_c4_exit`, seed 0; mean cycles per
 token by position, each rule at its threshold nearest to 2 mean cycles):
 
-{position_table(out, 'ztt_c4_exit', fair.EARLY_EXIT['ztt_c4_exit'])}
+{position_table(out, 'ztt_c4_exit', STUDY.early_exit['ztt_c4_exit'])}
 """
   if notes:
     text += '\n' + notes + '\n'

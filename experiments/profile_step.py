@@ -20,18 +20,19 @@ import tempfile
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-from configs import shakespeare_char  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ztt_jax import configlib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ztt_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ztt_jax import configlib
+from ztt_jax import train
+
+# The config file the rows start from (any working directory).
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), 'configs', 'shakespeare_char.py')
 
 STEPS = 5
 CONTAINERS = ('while', 'ThunkExecutor', 'conditional', 'call')
 
 
 def profile(variant: str, overrides: list[str]) -> str:
-  config = shakespeare_char.get_config(variant)
+  config = configlib.from_file(f'{CONFIG}:{variant}')
   config.model.vocab_size = 65
   config = configlib.override(config, dict(
       item.removeprefix('--config.').split('=', 1) for item in overrides))

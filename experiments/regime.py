@@ -28,14 +28,13 @@ spread) and docs/results/regime_table.md (the same as a markdown table).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import regime_report
+from experiments import runner
+from experiments.study import Run, Study
 
-REPO = run_all.REPO
 CONFIG = 'configs/default.py'
 
 # Shared by every setting unless it overrides them.
@@ -103,173 +102,28 @@ VARIANTS = {
 }
 
 
-def workdir(out: str, setting: str, variant: str, seed: int) -> str:
-  return os.path.join(out, setting, variant, f'seed{seed}')
-
-
 def steps_of(setting: str) -> int:
   return int(SETTINGS[setting]['overrides'].get('train.steps', 600))
 
 
-def _rows(path: str) -> list[dict]:
-  try:
-    with open(os.path.join(path, 'metrics.jsonl'), encoding='utf-8') as f:
-      return [json.loads(line) for line in f if line.strip()]
-  except (OSError, ValueError):
-    return []
-
-
-def final_val_loss(path: str, steps: int) -> float | None:
-  """The val loss at the last step, or None while the run is unfinished."""
-  vals = [r['val_loss'] for r in _rows(path)
-          if r.get('step') == steps and 'val_loss' in r]
-  return vals[-1] if vals else None
-
-
-def train_command(setting: str, variant: str, seed: int,
-                  path: str) -> list[str]:
-  kind, cycles, _, extra = VARIANTS[variant]
+def regime_run(setting: str, variant: str) -> Run:
+  """The run of `variant` in `setting`, named SETTING/VARIANT."""
+  kind, cycles, label, extra = VARIANTS[variant]
   overrides = dict(BASE)
   overrides.update(SETTINGS[setting]['overrides'])
   overrides.update(extra)
   overrides['model.variant'] = kind
   if cycles is not None:
     overrides['model.n_cycles'] = cycles
-  overrides['seed'] = seed
-  return ([os.path.join(os.path.dirname(sys.executable), 'ztt-train'),
-           f'--config={CONFIG}', f'--workdir={path}'] +
-          [f'--config.{k}={v}' for k, v in overrides.items()])
+  overrides.pop('train.steps', None)  # The runner passes the run's steps.
+  return Run(f'{setting}/{variant}', 'main', label,
+             tuple(overrides.items()), steps=steps_of(setting))
 
 
-def _params(path: str) -> int | None:
-  """Distinct params, from the first line ztt-train logs."""
-  try:
-    with open(path + '.log', encoding='utf-8') as f:
-      for line in f:
-        if 'distinct params' in line:
-          return int(line.split(',', 1)[1].split('distinct')[0]
-                     .strip().replace(',', ''))
-  except (OSError, ValueError, IndexError):
-    pass
-  return None
-
-
-def _wall(path: str) -> float | None:
-  try:
-    with open(path + '.wall', encoding='utf-8') as f:
-      return round(sum(float(x) for x in f if x.strip()), 1)
-  except (OSError, ValueError):
-    return None
-
-
-def summarize(out: str) -> dict:
-  """Every finished run under `out`, grouped by setting and variant."""
-  summary = {'command': 'python experiments/regime.py', 'settings': {}}
-  for setting, spec in SETTINGS.items():
-    steps = steps_of(setting)
-    o = spec['overrides']
-    tokens = steps * int(o.get('train.batch_size', 16)) * int(
-        o.get('data.seq_len', 64))
-    entry = {'description': spec['description'], 'overrides': o,
-             'tokens': tokens, 'variants': {}, 'vs_vanilla': {}}
-    for variant in VARIANTS:
-      vdir = os.path.join(out, setting, variant)
-      if not os.path.isdir(vdir):
-        continue
-      per_seed, walls, unfinished, params = {}, {}, {}, None
-      for name in sorted(os.listdir(vdir)):
-        if not name.startswith('seed') or '.' in name:
-          continue
-        path = os.path.join(vdir, name)
-        loss = final_val_loss(path, steps)
-        params = params or _params(path)
-        if loss is not None:
-          per_seed[int(name[4:])] = round(loss, 5)
-          walls[int(name[4:])] = _wall(path)
-        else:
-          evals = [r for r in _rows(path) if 'val_loss' in r]
-          if evals:
-            unfinished[int(name[4:])] = {
-                'step': evals[-1]['step'],
-                'val_loss': round(evals[-1]['val_loss'], 5)}
-      if not per_seed and not unfinished:
-        continue
-      losses = list(per_seed.values())
-      entry['variants'][variant] = {
-          'val_loss': per_seed,
-          'mean': round(sum(losses) / len(losses), 5) if losses else None,
-          'spread': round(max(losses) - min(losses), 5) if losses else None,
-          'params': params, 'wall_s': walls,
-          # Stopped runs: their last eval (step, val loss).
-          'unfinished': unfinished}
-    van = entry['variants'].get('vanilla')
-    for variant, v in entry['variants'].items():
-      if variant.startswith('vanilla') or van is None:
-        continue
-      common = sorted(set(v['val_loss']) & set(van['val_loss']))
-      if not common:
-        continue
-      diffs = {s: round(v['val_loss'][s] - van['val_loss'][s], 5)
-               for s in common}
-      mean = lambda d: sum(d[s] for s in common) / len(common)
-      diff = mean(v['val_loss']) - mean(van['val_loss'])
-      spread = max(v['spread'], van['spread'])
-      entry['vs_vanilla'][variant] = {
-          'seeds': common, 'diff_per_seed': diffs, 'diff': round(diff, 5),
-          'larger_spread': spread,
-          # Same seed = same init seed and data order for both runs.
-          'lower_at_every_seed': all(x < 0 for x in diffs.values()),
-          'beats_by_2x_spread': (len(common) >= 2 and diff < 0 and
-                                 -diff > 2 * spread)}
-    if entry['variants']:
-      summary['settings'][setting] = entry
-  return summary
-
-
-def _num(x) -> str:
-  return '' if x is None else f'{x:.4f}'
-
-
-def table(summary: dict) -> str:
-  lines = ['| setting | tokens | params | variant | val loss per seed | mean '
-           '| spread | minus vanilla (per seed) | beats by >2x spread |',
-           '|---|---|---|---|---|---|---|---|---|']
-  for setting, e in summary['settings'].items():
-    for variant, v in e['variants'].items():
-      seeds = ', '.join(
-          [f's{s}: {x:.4f}' for s, x in v['val_loss'].items()] +
-          [f's{s}: stopped, {u["val_loss"]:.4f} at step {u["step"]}'
-           for s, u in v['unfinished'].items()])
-      d = e['vs_vanilla'].get(variant)
-      diff = beats = ''
-      if d:
-        per = ', '.join(f'{x:+.4f}' for x in d['diff_per_seed'].values())
-        diff = f'{d["diff"]:+.4f} ({per})'
-        beats = ('yes' if d['beats_by_2x_spread'] else
-                 'no' if len(d['seeds']) >= 2 else 'n/a (1 seed)')
-        if len(d['seeds']) >= 2:
-          beats += (' (lower at every seed)' if d['lower_at_every_seed']
-                    else ' (not lower at every seed)')
-      lines.append(
-          f'| {setting} | {e["tokens"] / 1e6:.2f}M | '
-          f'{v["params"] or "?":,} | {VARIANTS[variant][2]} | {seeds} | '
-          f'{_num(v["mean"])} | {_num(v["spread"])} | {diff} | {beats} |')
-  return '\n'.join(lines) + '\n'
-
-
-def write_summary(out: str) -> None:
-  summary = summarize(out)
-  results = os.path.join(REPO, 'docs', 'results')
-  os.makedirs(results, exist_ok=True)
-  with open(os.path.join(results, 'regime.json'), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=1)
-    f.write('\n')
-  text = table(summary)
-  with open(os.path.join(results, 'regime_table.md'), 'w',
-            encoding='utf-8') as f:
-    f.write('<!-- Written by experiments/regime.py; do not edit. -->\n\n')
-    f.write(text)
-  print(text, end='')
+STUDY = Study(
+    name='regime', config=CONFIG, steps=600, step_flags=(),
+    main=tuple(regime_run(s, v) for s in SETTINGS for v in VARIANTS),
+    seeds=(0,), out='runs/regime')
 
 
 def main() -> None:
@@ -298,26 +152,15 @@ def main() -> None:
                f'{", ".join(VARIANTS)}')
   seeds = [int(s) for s in args.seeds.split(',') if s]
   if not args.report_only:
-    os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(
-        out, 'jax_cache'), PYTHONUNBUFFERED='1')
-    todo = []
-    for seed in seeds:
-      for setting in settings:
-        for variant in variants:
-          path = workdir(out, setting, variant, seed)
-          if final_val_loss(path, steps_of(setting)) is None:
-            todo.append((f'{setting} {variant} seed {seed}',
-                         train_command(setting, variant, seed, path),
-                         path + '.log'))
+    pairs = [(STUDY.by_name(f'{setting}/{variant}'), seed) for seed in seeds
+             for setting in settings for variant in variants]
     cores = ([int(c) for c in args.cores.split(',') if c] or
              list(range(args.jobs)))
-    print(f'{len(todo)} run(s) to train, {len(cores)} at a time (cores '
-          f'{cores})', flush=True)
-    failures = run_all.run_jobs(todo, len(cores), env, cores, nice=19)
+    failures = runner.train(STUDY, out, pairs, cores=cores, nice=19)
     if failures:
       print(f'failed: {", ".join(failures)}', flush=True)
-  write_summary(out)
+  regime_report.write_summary(SETTINGS, VARIANTS, out, os.path.join(
+      runner.REPO, 'docs', 'results'))
 
 
 if __name__ == '__main__':

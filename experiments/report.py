@@ -14,60 +14,31 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 
-# The report only reads checkpoints' configs and shapes: no accelerator
-# (and no libtpu start-up probe on machines without TPUs).
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import grid
+from experiments import plots
+from experiments import records
+from experiments import tables
 
+STUDY = grid.STUDY
 NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'notes.md')
-
-
-def read_rows(path: str) -> list[dict]:
-  try:
-    with open(os.path.join(path, 'metrics.jsonl'), encoding='utf-8') as f:
-      return [json.loads(line) for line in f if line.strip()]
-  except OSError:
-    return []
-
-
-def final_eval(rows: list[dict], steps: int) -> dict | None:
-  """The eval row of the last step (the last one written, after resumes)."""
-  evals = [r for r in rows if r.get('step') == steps and 'val_loss' in r]
-  return evals[-1] if evals else None
-
-
-def model_numbers(path: str, seq_len: int = 64) -> dict:
-  """Distinct params, layers run per token and train FLOPs per token."""
-  from ztt_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from ztt_jax import model  # pylint: disable=g-import-not-at-top
-  from ztt_jax import model_config  # pylint: disable=g-import-not-at-top
-  from ztt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
-  config, _ = checkpoint.read_config(path)
-  cfg = model_config.ModelConfig.from_config(config.model)
-  return dict(
-      params=params_lib.count_params(params_lib.abstract_params(model.build(cfg))),
-      layers=cfg.executed_layers,
-      flops=params_lib.flops_per_token(cfg, config.data.get('seq_len', seq_len)))
 
 
 def collect(out: str, steps: int) -> dict:
   """name -> {'seeds': {seed: final eval row}, 'rows': {seed: rows}, ...}."""
   results = {}
-  for run in grid.MAIN + grid.ABLATIONS:
+  for run in STUDY.runs:
     entry = {'run': run, 'seeds': {}, 'rows': {}}
-    for seed in sorted(set(grid.SEEDS) | set(grid.ABLATION_SEEDS)):
-      path = os.path.join(out, run.name, f'seed{seed}')
-      rows = read_rows(path)
-      last = final_eval(rows, steps)
+    for seed in sorted(set(STUDY.seeds) | set(STUDY.ablation_seeds)):
+      path = records.workdir(out, run.name, seed)
+      rows = records.read_rows(path)
+      last = records.final_eval(rows, steps)
       if last is not None:
         entry['seeds'][seed] = last
         entry['rows'][seed] = rows
         if 'model' not in entry and os.path.isdir(
             os.path.join(path, 'checkpoints')):
-          entry['model'] = model_numbers(path)
+          entry['model'] = records.model_numbers(path)
     results[run.name] = entry
   return results
 
@@ -88,16 +59,17 @@ def _fmt_loss(s: dict | None) -> tuple[str, str, str]:
 
 
 def main_table(results: dict) -> str:
-  lines = ['| run | distinct params | layers run per token | train FLOPs per '
-           'token | val loss (mean) | spread | per seed |',
-           '|---|---|---|---|---|---|---|']
-  for run in grid.MAIN:
+  lines = tables.header('run', 'distinct params', 'layers run per token',
+                        'train FLOPs per token', 'val loss (mean)', 'spread',
+                        'per seed')
+  for run in STUDY.main:
     entry = results[run.name]
     m = entry.get('model')
     mean, spread, seeds = _fmt_loss(loss_summary(entry))
     lines.append(
         f'| `{run.name}`: {run.label} | '
-        f'{m["params"]:,} | {m["layers"]} | {m["flops"] / 1e6:.2f} M | '
+        f'{m["distinct_params"]:,} | {m["executed_layers"]} | '
+        f'{m["flops_per_token"] / 1e6:.2f} M | '
         if m else f'| `{run.name}`: {run.label} | | | | ')
     lines[-1] += f'{mean} | {spread} | {seeds} |'
   return '\n'.join(lines)
@@ -105,19 +77,19 @@ def main_table(results: dict) -> str:
 
 def ablation_table(results: dict) -> str:
   """Each ablation against the base run at the same seeds (paired)."""
-  base = results[grid.ABLATION_BASE]
-  lines = ['| run | change from ZTT C=2 | val loss (mean) | minus ZTT C=2 at '
-           'the same seed(s) | spread | per seed |',
-           '|---|---|---|---|---|---|']
-  rows = [(grid.ABLATION_BASE, 'none (the default readings)')] + [
-      (r.name, r.label) for r in grid.ABLATIONS]
+  base = results[STUDY.ablation_base]
+  lines = tables.header('run', 'change from ZTT C=2', 'val loss (mean)',
+                        'minus ZTT C=2 at the same seed(s)', 'spread',
+                        'per seed')
+  rows = [(STUDY.ablation_base, 'none (the default readings)')] + [
+      (r.name, r.label) for r in STUDY.ablations]
   for name, label in rows:
     entry = results[name]
     mean, spread, seeds = _fmt_loss(loss_summary(entry))
     paired = [entry['seeds'][s]['val_loss'] - base['seeds'][s]['val_loss']
               for s in sorted(set(entry['seeds']) & set(base['seeds']))]
     delta = ', '.join(f'{d:+.4f}' for d in paired) if name != (
-        grid.ABLATION_BASE) else ''
+        STUDY.ablation_base) else ''
     lines.append(f'| `{name}` | {label} | {mean} | {delta} | {spread} | '
                  f'{seeds} |')
   return '\n'.join(lines)
@@ -133,8 +105,8 @@ def comparisons(results: dict) -> str:
     pairs += [(f'ztt_c{c}', f'htc_c{c}'), (f'ztt_c{c}', f'bc_c{c}'),
               (f'htc_c{c}', f'bc_c{c}'), (f'htc_c{c}', 'vanilla'),
               (f'ztt_c{c}', 'vanilla'), (f'ztt_c{c}', eq)]
-  lines = ['| A | B | A - B (means) | larger seed spread | verdict | A - B '
-           'per seed |', '|---|---|---|---|---|---|']
+  lines = tables.header('A', 'B', 'A - B (means)', 'larger seed spread',
+                        'verdict', 'A - B per seed')
   for a, b in pairs:
     sa, sb = loss_summary(results[a]), loss_summary(results[b])
     if sa is None or sb is None:
@@ -161,37 +133,27 @@ def comparisons(results: dict) -> str:
 
 
 def exit_head_table(results: dict) -> str:
-  lines = ['| run | val loss after cycle 1, 2, ... (seed 0) | gate per cycle '
-           'at the end | zero-token mass per cycle at the end |',
-           '|---|---|---|---|']
-  for name in ['ztt_c2', 'ztt_c4'] + [r.name for r in grid.ABLATIONS]:
-    entry = results[name]
-    if 0 not in entry['seeds']:
-      continue
-    ev = entry['seeds'][0]
-    train_rows = [r for r in entry['rows'][0] if 'gate' in r or
-                  'zero_attention' in r]
-    last = train_rows[-1] if train_rows else {}
-    fmt = lambda xs: ', '.join(f'{x:.3f}' for x in xs) if xs else 'n/a'
-    lines.append(f'| `{name}` | {fmt(ev.get("val_loss_cycle"))} | '
-                 f'{fmt(last.get("gate"))} | '
-                 f'{fmt(last.get("zero_attention"))} |')
-  return '\n'.join(lines)
+  entries = [(name, results[name]['seeds'][0], results[name]['rows'][0])
+             for name in ['ztt_c2', 'ztt_c4'] + [r.name for r in
+                                                 STUDY.ablations]
+             if 0 in results[name]['seeds']]
+  return tables.dynamics_table(
+      ('run', 'val loss after cycle 1, 2, ... (seed 0)',
+       'gate per cycle at the end', 'zero-token mass per cycle at the end'),
+      entries)
 
 
 def early_exit_section(out: str) -> tuple[str, list[tuple[str, list]]]:
   from ztt_jax import evaluate  # pylint: disable=g-import-not-at-top
   parts, curves = [], []
-  for name in grid.EARLY_EXIT_RUNS:
-    path = os.path.join(out, name, f'seed{grid.SEEDS[0]}', 'eval',
-                        'early_exit.json')
-    if not os.path.exists(path):
+  seed = STUDY.seeds[0]
+  for name in STUDY.early_exit:
+    rows = records.read_sweep(records.workdir(out, name, seed))
+    if not rows:
       parts.append(f'`{name}`: no `eval/early_exit.json` yet.')
       continue
-    with open(path, encoding='utf-8') as f:
-      rows = json.load(f)
     curves.append((name, rows))
-    parts.append(f'`{name}` (seed {grid.SEEDS[0]}, {grid.EVAL_BATCHES} '
+    parts.append(f'`{name}` (seed {seed}, {STUDY.eval_batches} '
                  f'validation batches of 12 x 64):\n\n'
                  + evaluate.format_table(rows))
   return '\n\n'.join(parts), curves
@@ -204,12 +166,12 @@ def speed_section(docs: str) -> str:
                  if n.endswith('.json')) if os.path.isdir(bench_dir) else []
   if not names:
     return 'No benchmark yet: run `python experiments/bench.py`.'
-  lines = ['| bench | step ms: ZTT / HTC / ZTT no exit heads | tokens/s (ZTT) '
-           '| MFU: ZTT / HTC / no exit heads | matmul peak GFLOP/s | '
-           'MLP-shape matmul GFLOP/s (of peak) | '
-           'ZTT / HTC step | no exit heads / HTC | compile s at C=2, 8 | '
-           'compile ratio | temp memory MiB |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+  lines = tables.header(
+      'bench', 'step ms: ZTT / HTC / ZTT no exit heads', 'tokens/s (ZTT)',
+      'MFU: ZTT / HTC / no exit heads', 'matmul peak GFLOP/s',
+      'MLP-shape matmul GFLOP/s (of peak)', 'ZTT / HTC step',
+      'no exit heads / HTC', 'compile s at C=2, 8', 'compile ratio',
+      'temp memory MiB')
   profiles = []
   for name in names:
     with open(os.path.join(bench_dir, name + '.json'), encoding='utf-8') as f:
@@ -234,7 +196,7 @@ def speed_section(docs: str) -> str:
       with open(prof, encoding='utf-8') as f:
         profiles.append(f'`{name}`:\n\n```\n{f.read().strip()}\n```')
   targets = ['', 'Targets (`targets` in the JSON):', '',
-             '| bench | target | value | met |', '|---|---|---|---|']
+             *tables.header('bench', 'target', 'value', 'met')]
   for name in names:
     with open(os.path.join(bench_dir, name + '.json'), encoding='utf-8') as f:
       r = json.load(f)
@@ -251,13 +213,6 @@ def speed_section(docs: str) -> str:
 # ------------------------------------------------------------------ plots --
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
 def _mean_curve(entry: dict, key: str):
   """Steps and per-step mean / min / max of `key` over the seeds."""
   per_seed = []
@@ -270,9 +225,9 @@ def _mean_curve(entry: dict, key: str):
 
 
 def plot_curves(results: dict, path: str) -> None:
-  plt = _pyplot()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-  for run in grid.MAIN:
+  for run in STUDY.main:
     entry = results[run.name]
     if not entry['rows']:
       continue
@@ -289,14 +244,12 @@ def plot_curves(results: dict, path: str) -> None:
   for ax in axes:
     ax.set_xlabel('step')
   axes[1].legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def plot_dynamics(results: dict, path: str) -> None:
   """Zero-token mass and gate per cycle over training (paper Fig. 2b)."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   names = [n for n in ('ztt_c2', 'ztt_c4') if 0 in results[n]['rows']]
   if not names:
     return
@@ -312,13 +265,11 @@ def plot_dynamics(results: dict, path: str) -> None:
                    fontsize=9)
       ax.set_xlabel('step')
       ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def plot_early_exit(curves, path: str) -> None:
-  plt = _pyplot()
+  plt = plots.pyplot()
   if not curves:
     return
   fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8),
@@ -326,9 +277,7 @@ def plot_early_exit(curves, path: str) -> None:
   from ztt_jax import evaluate  # pylint: disable=g-import-not-at-top
   for ax, (name, rows) in zip(axes[0], curves):
     evaluate.draw(ax, rows, f'{name}: loss against mean cycles run')
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 # ----------------------------------------------------------------- report --
@@ -343,11 +292,8 @@ def write_report(out: str, steps: int, docs: str, command: str) -> str:
   exit_text, curves = early_exit_section(out)
   plot_early_exit(curves, os.path.join(fig_dir, 'early_exit.png'))
   n_done = sum(len(e['seeds']) for e in results.values())
-  n_all = len(grid.schedule())
-  notes = ''
-  if os.path.exists(NOTES):
-    with open(NOTES, encoding='utf-8') as f:
-      notes = f.read().strip()
+  n_all = len(STUDY.schedule())
+  notes = records.read_notes(NOTES)
   text = f"""# Results: ZTT against its baselines on tinyshakespeare
 
 Regenerate with `python experiments/run_all.py --study=grid
@@ -359,13 +305,13 @@ configs and `ztt-eval` output; the speed section from
 `python experiments/bench.py`.
 
 **Setup.** tinyshakespeare, character tokens (65), nanoGPT's 90/10 split.
-Every run is `{grid.CONFIG}` (128 wide, 4 heads, SwiGLU, rotary, RMSNorm,
+Every run is `{STUDY.config}` (128 wide, 4 heads, SwiGLU, rotary, RMSNorm,
 no dropout) trained for {steps} steps of 12 sequences x 64 tokens
 ({steps * 12 * 64 / 1e6:.2f}M tokens, half nanoGPT's CPU budget, so the grid
 fits one sitting on 2 cores), AdamW, lr 1e-3, warmup 50, cosine to 1e-4.
 Distinct layers: 1 head + 2 middle + 1 tail (BC cycles all 4). Validation
 loss: 20 fixed batches of 12 x 64 from the validation split, after the last
-step. Seeds {', '.join(map(str, grid.SEEDS))} change both the init and the
+step. Seeds {', '.join(map(str, STUDY.seeds))} change both the init and the
 data order. Training FLOPs per token count every executed layer, exit
 heads included (`params.flops_per_token`).
 
@@ -394,7 +340,7 @@ the zero token, per cycle:
 Per sequence: stop cycling once the mean zero-token mass of the last cycle
 passes a threshold (thresholds at quantiles of the statistic), against
 stopping every sequence after a fixed number of cycles. `ztt-eval` uses
-{grid.EVAL_BATCHES} validation batches, not the 20 of the training evals, so
+{STUDY.eval_batches} validation batches, not the 20 of the training evals, so
 its losses are not comparable with the tables above.
 
 {exit_text}

@@ -21,8 +21,12 @@ from __future__ import annotations
 import json
 import os
 
-import report  # pylint: disable=g-import-not-at-top
-import run_all  # pylint: disable=g-import-not-at-top
+from experiments import records
+from experiments.study import Run, Study
+
+# What summary.json keeps of records.model_numbers, in this order.
+MODEL_FIELDS = ('variant', 'n_cycles', 'exit_loss', 'gate', 'zero_key',
+                'distinct_params', 'flops_per_token')
 
 
 def finished_losses(out: str, name: str, seeds, steps: int
@@ -31,8 +35,8 @@ def finished_losses(out: str, name: str, seeds, steps: int
   validation losses."""
   done, losses = [], []
   for seed in seeds:
-    last = report.final_eval(
-        report.read_rows(os.path.join(out, name, f'seed{seed}')), steps)
+    last = records.final_eval(
+        records.read_rows(records.workdir(out, name, seed)), steps)
     if last is not None:
       done.append(seed)
       losses.append(float(last['val_loss']))
@@ -41,40 +45,18 @@ def finished_losses(out: str, name: str, seeds, steps: int
 
 def model_fields(path: str) -> dict:
   """What the summary says of a run's model, from its saved config."""
-  from ztt_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from ztt_jax import model  # pylint: disable=g-import-not-at-top
-  from ztt_jax import model_config  # pylint: disable=g-import-not-at-top
-  from ztt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
-  config, _ = checkpoint.read_config(path)
-  cfg = model_config.ModelConfig.from_config(config.model)
-  return dict(
-      variant=cfg.variant, n_cycles=cfg.cycles, exit_loss=cfg.exit_loss,
-      gate=cfg.gate, zero_key=cfg.zero_key,
-      distinct_params=params_lib.count_params(params_lib.abstract_params(
-          model.build(cfg))),
-      flops_per_token=params_lib.flops_per_token(cfg, config.data.seq_len))
+  numbers = records.model_numbers(path)
+  return {k: numbers[k] for k in MODEL_FIELDS}
 
 
-def run_entry(out: str, run, seeds, steps: int) -> dict | None:
+def run_entry(out: str, run: Run, seeds, steps: int) -> dict | None:
   """One run's summary row, or None when no seed has finished."""
   done, losses = finished_losses(out, run.name, seeds, steps)
   if not done:
     return None
-  path = os.path.join(out, run.name, f'seed{done[0]}')
+  path = records.workdir(out, run.name, done[0])
   return dict(name=run.name, **model_fields(path), steps=steps, seeds=done,
               val_loss=losses)
-
-
-def read_sweep(out: str, name: str, seed: int, criterion: str
-               ) -> list[dict]:
-  """The rows of one ztt-eval sweep of run `name` ([] when not there)."""
-  path = os.path.join(out, name, f'seed{seed}', 'eval',
-                      run_all.eval_name(criterion) + '.json')
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return []
 
 
 def early_exit_rows(out: str, name: str, seed: int, criteria=('',)
@@ -83,7 +65,7 @@ def early_exit_rows(out: str, name: str, seed: int, criteria=('',)
   depths, the same in every sweep, once."""
   rows, fixed = [], set()
   for criterion in criteria:
-    sweep = read_sweep(out, name, seed, criterion)
+    sweep = records.read_sweep(records.workdir(out, name, seed), criterion)
     rule = [r['criterion'] for r in sweep
             if r['criterion'] not in ('fixed', 'random')][:1]
     for r in sweep:
@@ -101,18 +83,22 @@ def early_exit_rows(out: str, name: str, seed: int, criteria=('',)
   return rows
 
 
-def write_summary(study, out: str, steps: int, seeds, ablation_seeds,
-                  path: str) -> dict:
+def summarize(study: Study, out: str, steps: int, seeds,
+              ablation_seeds) -> dict:
+  """The summary of `study`'s runs under `out` (the format above)."""
   runs = [e for e in (
-      [run_entry(out, r, seeds, steps) for r in study.MAIN]
-      + [run_entry(out, r, ablation_seeds, steps) for r in study.ABLATIONS])
+      [run_entry(out, r, seeds, steps) for r in study.main]
+      + [run_entry(out, r, ablation_seeds, steps) for r in study.ablations])
           if e is not None]
-  per_run = {}
-  for name, criterion in run_all.early_exit_sweeps(study):
-    per_run.setdefault(name, []).append(criterion)
-  early = [row for name, criteria in per_run.items()
+  early = [row for name, criteria in study.early_exit.items()
            for row in early_exit_rows(out, name, seeds[0], criteria)]
-  summary = {'runs': runs, 'early_exit': early}
+  return {'runs': runs, 'early_exit': early}
+
+
+def write_summary(study: Study, out: str, steps: int, seeds, ablation_seeds,
+                  path: str) -> dict:
+  """Writes the summary to `path` and returns it."""
+  summary = summarize(study, out, steps, seeds, ablation_seeds)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=1)

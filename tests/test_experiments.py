@@ -1,36 +1,45 @@
-"""experiments/: the grid's schedule and flags, the runner's notion of a
-finished run, and the report's arithmetic (no training here)."""
+"""experiments/: the studies' runs and flags, the runner's notion of a
+finished run, the reports' arithmetic and the package's import structure
+(no training here)."""
 
+import ast
 import json
 import os
+import pathlib
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'experiments'))
-import data_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-import fair  # pylint: disable=g-import-not-at-top,wrong-import-position
-import grid  # pylint: disable=g-import-not-at-top,wrong-import-position
-import position  # pylint: disable=g-import-not-at-top,wrong-import-position
-import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-import roofline  # pylint: disable=g-import-not-at-top,wrong-import-position
-import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
-import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ztt_jax import model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import data_bench
+from experiments import fair as fair_study
+from experiments import fair_report
+from experiments import grid as grid_study
+from experiments import position
+from experiments import records
+from experiments import regime
+from experiments import regime_report
+from experiments import report
+from experiments import roofline
+from experiments import runner
+from experiments import summary
+from experiments import tables
 from ztt_jax import model_config
+
+fair = fair_study.STUDY
+grid = grid_study.STUDY
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 
 
 def test_schedule_trains_the_main_grid_at_every_seed_first():
   pairs = grid.schedule()
-  n_main = len(grid.MAIN) * len(grid.SEEDS)
+  n_main = len(grid.main) * len(grid.seeds)
   assert [r.group for r, _ in pairs[:n_main]] == ['main'] * n_main
-  assert [s for _, s in pairs[:len(grid.MAIN)]] == [grid.SEEDS[0]] * len(
-      grid.MAIN)
+  assert [s for _, s in pairs[:len(grid.main)]] == [grid.seeds[0]] * len(
+      grid.main)
   assert {r.group for r, _ in pairs[n_main:]} == {'ablation'}
-  names = [r.name for r in grid.MAIN + grid.ABLATIONS]
+  names = [r.name for r in grid.runs]
   assert len(names) == len(set(names))
 
 
@@ -41,13 +50,13 @@ def test_every_run_is_a_valid_model_and_equal_compute_matches():
              zero_pool='auto', gate='auto', exit_loss='auto')
     m.update({k.split('.', 1)[1]: v for k, v in run.overrides})
     return model_config.ModelConfig.from_config(m)
-  cfgs = {r.name: cfg(r) for r in grid.MAIN + grid.ABLATIONS}
+  cfgs = {r.name: cfg(r) for r in grid.runs}
   for c in (2, 4):
     eq = cfgs['vanilla_6' if c == 2 else 'vanilla_10']
     assert eq.executed_layers == cfgs[f'htc_c{c}'].executed_layers
     assert cfgs[f'ztt_c{c}'].cycles == c
-  for run in grid.ABLATIONS:
-    base = cfgs[grid.ABLATION_BASE]
+  for run in grid.ablations:
+    base = cfgs[grid.ablation_base]
     changed = {f for f in base.__dataclass_fields__
                if getattr(cfgs[run.name], f) != getattr(base, f)}
     assert len(changed) == 1, (run.name, changed)
@@ -68,18 +77,18 @@ def write_metrics(path, losses, steps=10):
 
 def test_finished_needs_the_eval_of_the_last_step(tmp_path):
   path = str(tmp_path / 'run')
-  assert not run_all.finished(path, 10)
+  assert not records.finished(path, 10)
   write_metrics(path, [(5, 2.0), (9, 1.9)])
-  assert not run_all.finished(path, 10)
+  assert not records.finished(path, 10)
   write_metrics(path, [(5, 2.0), (10, 1.8)])
-  assert run_all.finished(path, 10)
+  assert records.finished(path, 10)
 
 
 def test_report_means_spreads_and_verdicts(tmp_path):
   out = str(tmp_path)
   for name, seeds in (('vanilla', (1.80, 1.82)), ('htc_c2', (1.70, 1.71)),
                       ('ztt_c2', (1.79, 1.84))):
-    for seed, loss in zip(grid.SEEDS, seeds):
+    for seed, loss in zip(grid.seeds, seeds):
       write_metrics(os.path.join(out, name, f'seed{seed}'),
                     [(5, 2.0), (10, loss)])
   results = report.collect(out, 10)
@@ -118,8 +127,8 @@ def fair_cfg(run):
 
 
 def test_fair_grid_compares_one_change_at_a_time():
-  cfgs = {r.name: fair_cfg(r) for r in fair.MAIN + fair.ABLATIONS}
-  assert len(cfgs) == len(fair.MAIN) + len(fair.ABLATIONS)
+  cfgs = {r.name: fair_cfg(r) for r in fair.runs}
+  assert len(cfgs) == len(fair.main) + len(fair.ablations)
   fields = lambda a, b: {f for f in cfgs[a].__dataclass_fields__
                          if getattr(cfgs[a], f) != getattr(cfgs[b], f)}
   for c in (2, 4):
@@ -132,8 +141,8 @@ def test_fair_grid_compares_one_change_at_a_time():
         'variant', 'zero_pool', 'gate'}
     assert (cfgs[f'vanilla_mid{c}'].executed_layers
             == cfgs[f'htc_c{c}'].executed_layers)
-  for run in fair.ABLATIONS:
-    changed = fields(run.name, fair.ABLATION_BASE)
+  for run in fair.ablations:
+    changed = fields(run.name, fair.ablation_base)
     train_changes = [k for k, _ in run.overrides if k.startswith('train.')]
     assert len(changed) + len(train_changes) == 1, (run.name, changed)
 
@@ -160,7 +169,7 @@ def test_summary_json_reads_the_runs(tmp_path, monkeypatch):
                       mean_cycles=2.5, cycles_run=3.5),
                  dict(criterion='random', matches=tau, val_loss=1.65,
                       mean_cycles=2.5, cycles_run=4.0)], f)
-  assert fair.EARLY_EXIT['ztt_c4_exit'][1:] == ('zero_weight', 'zero_margin',
+  assert fair.early_exit['ztt_c4_exit'][1:] == ('zero_weight', 'zero_margin',
                                               'kl')
   path = str(tmp_path / 'summary.json')
   written = summary.write_summary(fair, out, 10, (0, 1), (0,), path)
@@ -180,27 +189,28 @@ def test_summary_json_reads_the_runs(tmp_path, monkeypatch):
 
 
 def test_fair_sweeps_name_their_criterion():
-  sweeps = run_all.early_exit_sweeps(fair)
+  sweeps = fair.early_exit_sweeps()
   assert ('ztt_c4_exit', 'zero_attention') in sweeps
   assert ('htc_c4_exit', 'kl') in sweeps
   # Zero-token statistics only where the run has zero tokens.
   for name, criterion in sweeps:
-    variant = dict(fair.by_name(name).overrides)['model.variant']
+    variant = fair.by_name(name).get('model.variant')
     assert variant == 'ztt' or not criterion.startswith('zero')
-  cmd = run_all.eval_command('w', fair, 'kl')
+  cmd = runner.eval_command(fair, 'w', 'kl')
   assert {'--criterion=kl', '--name=early_exit_kl', '--per=token'} <= set(cmd)
-  assert run_all.early_exit_sweeps(grid) == [('ztt_c4', ''), ('ztt_c2', '')]
-  assert not any(a.startswith('--name') for a in run_all.eval_command('w'))
+  assert grid.early_exit_sweeps() == [('ztt_c4', ''), ('ztt_c2', '')]
+  assert not any(a.startswith('--name')
+                 for a in runner.eval_command(grid, 'w'))
 
 
 def test_fair_runs_train_on_the_configs_own_data():
-  cmd = run_all.train_command(fair.by_name('abl_gate_slow'), 1, 'w', '',
-                              fair.STEPS, fair)
+  cmd = runner.train_command(fair, fair.by_name('abl_gate_slow'), 1, 'w')
   assert '--config=configs/default.py' in cmd
   assert not any(a.startswith('--config.data.path') for a in cmd)
   assert {'--config.model.d_model=32', '--config.train.gate_lr_scale=0.1',
           '--config.seed=1'} <= set(cmd)
-  assert run_all.eval_command('w', fair)[-3:] == list(fair.EARLY_EXIT_FLAGS)
+  assert '--config.train.steps=1500' in cmd
+  assert runner.eval_command(fair, 'w')[-3:] == list(fair.early_exit_flags)
 
 
 def test_data_bench_measures_both_paths_at_a_tiny_size(tmp_path, monkeypatch):
@@ -227,7 +237,7 @@ def test_data_bench_measures_both_paths_at_a_tiny_size(tmp_path, monkeypatch):
 def test_fair_ztt_runs_pin_their_readings():
   """A later change of the package's 'auto' defaults cannot reach the
   grid's remaining seeds: every ZTT run names its pool and gate."""
-  for run in fair.MAIN + fair.ABLATIONS:
+  for run in fair.runs:
     given = dict(run.overrides)
     if given['model.variant'] == 'ztt':
       assert given['model.zero_pool'] == 'cycle_layer', run.name
