@@ -46,45 +46,32 @@ BASE = (
 )
 
 
-def _setting(description: str, **overrides) -> dict:
-  flat = {k.replace('__', '.'): v for k, v in overrides.items()}
-  return {'description': description, 'overrides': flat}
+def setting(d_model: int, n_heads: int, seq_len: int, batch_size: int
+            ) -> dict:
+  """A setting: 1+1+1 layers `d_model` wide, `n_heads` heads, windows of
+  `seq_len`, `batch_size` windows a step, lr 3e-3, 1500 steps."""
+  tokens = 1500 * batch_size * seq_len / 1e6
+  return {'description': (
+      f'd_model {d_model}, {n_heads} heads, 1+1+1 layers, context {seq_len}, '
+      f'batch {batch_size}, lr 3e-3, 1500 steps ({tokens:.1f}M tokens)'),
+          'overrides': {
+              'model.d_model': d_model, 'model.n_heads': n_heads,
+              'model.n_mid_layers': 1, 'data.seq_len': seq_len,
+              'train.batch_size': batch_size, 'train.lr': 3e-3,
+              'train.warmup_steps': 100, 'train.steps': 1500,
+              'train.eval_every_steps': 500, 'checkpoint.every_steps': 500}}
 
 
 # Candidate settings, in the order they were tried. Names say what changes.
 SETTINGS = {
     # 176,576 distinct params; vanilla runs 3 layers, HTC C=4 runs 6.
-    's1_d64_l3_ctx128': _setting(
-        'd_model 64, 4 heads, 1+1+1 layers, context 128, batch 16, lr 3e-3, '
-        '1500 steps (3.1M tokens)',
-        model__d_model=64, model__n_heads=4, model__n_mid_layers=1,
-        data__seq_len=128, train__batch_size=16, train__lr=3e-3,
-        train__warmup_steps=100, train__steps=1500,
-        train__eval_every_steps=500, checkpoint__every_steps=500),
+    's1_d64_l3_ctx128': setting(64, 4, 128, 16),
     # s1 with half the width (2 heads of 16): ~50K params, saturates sooner.
-    's2_d32_l3_ctx128': _setting(
-        'd_model 32, 2 heads, 1+1+1 layers, context 128, batch 16, lr 3e-3, '
-        '1500 steps (3.1M tokens)',
-        model__d_model=32, model__n_heads=2, model__n_mid_layers=1,
-        data__seq_len=128, train__batch_size=16, train__lr=3e-3,
-        train__warmup_steps=100, train__steps=1500,
-        train__eval_every_steps=500, checkpoint__every_steps=500),
+    's2_d32_l3_ctx128': setting(32, 2, 128, 16),
     # s1 with twice the context (batch halved: same tokens per step).
-    's3_d64_l3_ctx256': _setting(
-        'd_model 64, 4 heads, 1+1+1 layers, context 256, batch 8, lr 3e-3, '
-        '1500 steps (3.1M tokens)',
-        model__d_model=64, model__n_heads=4, model__n_mid_layers=1,
-        data__seq_len=256, train__batch_size=8, train__lr=3e-3,
-        train__warmup_steps=100, train__steps=1500,
-        train__eval_every_steps=500, checkpoint__every_steps=500),
+    's3_d64_l3_ctx256': setting(64, 4, 256, 8),
     # s2 with twice the batch: twice the tokens (6.1M) in as many steps.
-    's4_d32_l3_ctx128_b32': _setting(
-        'd_model 32, 2 heads, 1+1+1 layers, context 128, batch 32, lr 3e-3, '
-        '1500 steps (6.1M tokens)',
-        model__d_model=32, model__n_heads=2, model__n_mid_layers=1,
-        data__seq_len=128, train__batch_size=32, train__lr=3e-3,
-        train__warmup_steps=100, train__steps=1500,
-        train__eval_every_steps=500, checkpoint__every_steps=500),
+    's4_d32_l3_ctx128_b32': setting(32, 2, 128, 32),
 }
 
 # name -> (variant, n_cycles or None, label, other model overrides). The

@@ -281,3 +281,155 @@ def test_roofline_table_from_a_saved_report(tmp_path, capsys):
                    '131,072', '80.0']
   assert roofline.last_json('noise\n{"a": 1}\n') == {'a': 1}
   assert roofline.last_json('no report') is None
+
+
+def test_each_study_describes_its_runs():
+  """The three studies' run names, groups and the commands they give."""
+  assert [r.name for r in grid.main][:4] == ['vanilla', 'bc_c2', 'htc_c2',
+                                             'ztt_c2']
+  assert grid.by_name('vanilla_10').get('model.n_mid_layers') == 8
+  assert len(fair.main) == 15 and len(fair.ablations) == 9
+  assert len(fair.schedule()) == 15 * 3 + 9
+  assert fair.schedule(seeds=[5], names={'vanilla', 'abl_gate_none'},
+                       ablation_seeds=[1]) == [
+                           (fair.by_name('vanilla'), 5),
+                           (fair.by_name('abl_gate_none'), 1)]
+  names = [r.name for r in regime.STUDY.runs]
+  assert names[:2] == ['s1_d64_l3_ctx128/vanilla', 's1_d64_l3_ctx128/htc_c2']
+  assert len(names) == len(regime.SETTINGS) * len(regime.VARIANTS)
+  run = regime.STUDY.by_name('s4_d32_l3_ctx128_b32/htc_c4')
+  assert regime.STUDY.steps_of(run) == 1500
+  assert run.get('train.steps') is None  # The runner passes the steps.
+  cmd = runner.train_command(regime.STUDY, run, 1, 'w')
+  assert cmd.count('--config.train.steps=1500') == 1
+  assert {'--config=configs/default.py', '--config.model.n_cycles=4',
+          '--config.model.variant=head_tail_cycle', '--config.data.seq_len=128',
+          '--config.train.batch_size=32', '--config.model.exit_loss=none',
+          '--config.seed=1'} <= set(cmd)
+  assert regime.SETTINGS['s4_d32_l3_ctx128_b32']['description'].endswith(
+      '(6.1M tokens)')
+  with pytest.raises(KeyError):
+    fair.by_name('no_such_run')
+
+
+def test_runner_trains_only_unfinished_runs(tmp_path, monkeypatch):
+  out = str(tmp_path)
+  write_metrics(records.workdir(out, 'vanilla', 0), [(5, 2.0), (10, 1.8)])
+  seen = []
+  monkeypatch.setattr(runner, 'run_jobs', lambda todo, *a, **k: seen.extend(
+      todo) or [])
+  pairs = fair.schedule(seeds=[0], names={'vanilla', 'bc_c2'},
+                        ablation_seeds=[])
+  assert runner.train(fair, out, pairs, steps=10) == []
+  assert [label for label, _, _ in seen] == ['bc_c2 seed 0']
+  assert seen[0][2] == os.path.join(out, 'bc_c2', 'seed0.log')
+
+
+def test_fair_report_tables_from_a_fixture_summary(tmp_path):
+  runs = [dict(name=n, distinct_params=48352, flops_per_token=8.2e5,
+               seeds=[0, 1, 2], val_loss=v)
+          for n, v in (('vanilla', [1.60, 1.61, 1.62]),
+                       ('htc_c2', [1.50, 1.51, 1.50]))]
+  summ = {'runs': runs, 'early_exit': []}
+  lines = fair_report.main_table(summ).splitlines()
+  assert lines[0].startswith('| run | distinct params |')
+  assert lines[2] == ('| `vanilla`: vanilla, 1+1+1 layers | 48,352 | 0.82 M'
+                      ' | 1.6000, 1.6100, 1.6200 (seeds 0,1,2) | 1.6100 | '
+                      '0.0200 |')
+  assert lines[3].endswith('| | | not run yet | | |')
+  rows = {tuple(c.strip(' `') for c in line.split('|')[1:3]): line
+          for line in fair_report.comparisons(summ).splitlines()[2:]}
+  assert '**A lower**, at every seed, beyond twice' in rows[('htc_c2',
+                                                             'vanilla')]
+  assert 'not run yet' in rows[('ztt_c2', 'htc_c2')]
+  path = records.workdir(str(tmp_path), 'ztt_c4_exit', 0)
+  os.makedirs(path)
+  with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
+    for row in ({'step': 1000, 'gate': [0.5, 0.25], 'zero_attention': [0.1,
+                                                                      0.2]},
+                {'step': 1500, 'val_loss': 1.5, 'val_loss_cycle': [1.7, 1.5]}):
+      f.write(json.dumps(row) + '\n')
+  assert fair_report.dynamics_table(str(tmp_path), [
+      'ztt_c4_exit', 'ztt_c2_exit']).splitlines()[2:] == [
+          '| `ztt_c4_exit` | 1.700, 1.500 | 0.500, 0.250 | 0.100, 0.200 |']
+
+
+def test_regime_report_from_fixture_runs(tmp_path):
+  out = str(tmp_path)
+  settings = {'s': regime.setting(32, 2, 8, 2)}
+  for variant, loss in (('vanilla', 1.6), ('htc_c4', 1.5)):
+    path = records.workdir(out, f's/{variant}', 0)
+    write_metrics(path, [(5, 2.0), (1500, loss)])
+    with open(path + '.log', 'w') as f:
+      f.write(f'{variant}, 1,234 distinct params\n')
+  summ = regime_report.summarize(settings, regime.VARIANTS, out)
+  entry = summ['settings']['s']
+  assert entry['variants']['htc_c4']['params'] == 1234
+  assert entry['vs_vanilla']['htc_c4']['diff'] == pytest.approx(-0.1)
+  lines = regime_report.table(summ, regime.VARIANTS).splitlines()
+  assert lines[3].startswith('| s | 0.02M | 1,234 | HTC C=4 | s0: 1.5000 |')
+
+
+def test_tables_header_and_numbers():
+  assert tables.header('a', 'b') == ['| a | b |', '|---|---|']
+  assert tables.numbers([1, 0.5]) == '1.000, 0.500'
+  assert tables.numbers(None) == 'n/a'
+
+
+def module_imports(path: pathlib.Path) -> set[str]:
+  """The experiments modules `path` imports, at top level or in a
+  function (`from experiments import x`, `import experiments.x`,
+  `from experiments.x import y`)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == 'experiments':
+        found |= {a.name for a in node.names}
+      elif node.module.startswith('experiments.'):
+        found.add(node.module.split('.')[1])
+    elif isinstance(node, ast.Import):
+      found |= {a.name.split('.')[1] for a in node.names
+                if a.name.startswith('experiments.')}
+  return found
+
+
+def test_package_has_no_cycles_private_imports_or_path_edits():
+  modules = {p.stem: p for p in PACKAGE.glob('*.py') if p.stem != '__init__'}
+  graph = {name: module_imports(p) & set(modules)
+           for name, p in modules.items()}
+  for name, path in modules.items():
+    text = path.read_text()
+    assert 'sys.path' not in text, name
+    for node in ast.walk(ast.parse(text)):
+      if isinstance(node, (ast.ImportFrom, ast.Import)):
+        assert not any(a.name.startswith('_') for a in node.names), name
+      if (isinstance(node, ast.Attribute) and node.attr.startswith('_')
+          and not node.attr.startswith('__')
+          and isinstance(node.value, ast.Name)
+          and node.value.id in modules):
+        raise AssertionError(f'{name} uses {node.value.id}.{node.attr}')
+
+  def visit(name, stack):
+    assert name not in stack, ' -> '.join(stack + [name])
+    for dep in graph[name]:
+      visit(dep, stack + [name])
+
+  for name in graph:
+    visit(name, [])
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+  names = sorted(p.stem for p in PACKAGE.glob('*.py') if p.stem != '__init__')
+  code = ''.join(f'import experiments.{n}\n' for n in names)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  subprocess.run([sys.executable, '-c', code], check=True, env=env,
+                 cwd=PACKAGE.parent)
+
+
+@pytest.mark.parametrize('how', ['path', 'module'])
+def test_run_all_runs_by_path_and_as_a_module(how):
+  cmd = ([sys.executable, str(PACKAGE / 'run_all.py')] if how == 'path'
+         else [sys.executable, '-m', 'experiments.run_all'])
+  out = subprocess.run(cmd + ['--help'], check=True, capture_output=True,
+                       text=True, cwd=PACKAGE.parent).stdout
+  assert '--report_only' in out and '--study' in out
