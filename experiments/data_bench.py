@@ -7,12 +7,12 @@ On a quiet machine. Builds a corpus of --size_mb MB under --dir (the
 running Python's standard-library source, concatenated and repeated into
 64 MB files; reused when already there), then, each in a fresh process:
 
-* in-memory, first start: data.prepare with an empty token cache (read,
+* in-memory, first start: data.load_corpus with an empty token cache (read,
   hash, tokenize, write the cache);
-* in-memory, next start: data.prepare again (read and hash everything, load
+* in-memory, next start: data.load_corpus again (read and hash everything, load
   the cached tokens);
-* ztt-prepare: shards.prepare with --workers processes;
-* prepared, start: data.prepare of the prepared directory and the first
+* ztt-prepare: shards.write_shards with --workers processes;
+* prepared, start: data.load_corpus of the prepared directory and the first
   --batches training batches.
 
 Prints a markdown table: seconds (after imports), tokens/s where it
@@ -79,11 +79,11 @@ def child(task: dict) -> dict:
   start = time.perf_counter()
   tokens = None
   if task['kind'] == 'prepare':
-    manifest = shards.prepare(config, task['output'], task['workers'],
+    manifest = shards.write_shards(config, task['output'], task['workers'],
                               log=lambda _: None)
     tokens = manifest['n_tokens']
   else:
-    corpus = data.prepare(config, task['workdir'])
+    corpus = data.load_corpus(config, task['workdir'])
     tokens = len(corpus.train_N) + len(corpus.val_N)
     dataset = data.make_train_dataset(corpus.train_N, 128, 32, 0)
     for step in range(task['batches']):

@@ -62,7 +62,7 @@ def main() -> None:
   # zero_margin needs the explicit logits, whatever attention trained.
   module, params, config = ztt_jax.load(args.workdir,
                                         overrides={'model.attention': 'xla'})
-  corpus = data.prepare(config.data, args.workdir)
+  corpus = data.load_corpus(config.data, args.workdir)
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
       corpus.val_N, config.data.seq_len, config.train.batch_size,
       args.batches or config.train.eval_batches)]

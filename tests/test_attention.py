@@ -12,6 +12,32 @@ from ztt_jax import attention
 T, H, K = 7, 3, 8
 
 
+def reference_attention_np(q_TxHxK, k_SxHxK, v_SxHxK, zero_key_HxK):
+  """Float64 NumPy reference for one sequence with causal masking (T == S).
+
+  Returns `(out_TxHxK, a0_TxH, plain_TxHxK)` where `plain` is ordinary causal
+  attention without the zero token, so tests can check
+  `out == (1 - a0) * plain`.
+  """
+  q, k, v, z = (np.asarray(a, np.float64)
+                for a in (q_TxHxK, k_SxHxK, v_SxHxK, zero_key_HxK))
+  t_len, n_heads, dim = q.shape
+  out = np.zeros_like(q)
+  plain = np.zeros_like(q)
+  a0 = np.zeros((t_len, n_heads))
+  for t in range(t_len):
+    for h in range(n_heads):
+      logits = np.concatenate([[q[t, h] @ z[h]], k[:t + 1, h] @ q[t, h]])
+      logits /= np.sqrt(dim)
+      w = np.exp(logits - logits.max())
+      w /= w.sum()
+      a0[t, h] = w[0]
+      out[t, h] = w[1:] @ v[:t + 1, h]
+      w_plain = np.exp(logits[1:] - logits[1:].max())
+      plain[t, h] = (w_plain / w_plain.sum()) @ v[:t + 1, h]
+  return out, a0, plain
+
+
 def random_qkvz(seed, scale=1.0):
   rng = np.random.default_rng(seed)
   q, k, v = (scale * rng.standard_normal((T, H, K)) for _ in range(3))
@@ -35,7 +61,7 @@ def run(q, k, v, z):
 def test_matches_float64_reference(seed, scale):
   q, k, v, z = random_qkvz(seed, scale)
   out, a0, _ = run(q, k, v, z)
-  ref_out, ref_a0, ref_plain = attention.reference_attention_np(q, k, v, z)
+  ref_out, ref_a0, ref_plain = reference_attention_np(q, k, v, z)
   np.testing.assert_allclose(a0, ref_a0, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5 * scale)
   # The zero token only scales ordinary attention down by (1 - a0).
@@ -51,7 +77,7 @@ def test_large_logits_match_float64_reference():
   softmax finite and as one-hot as the float64 one."""
   q, k, v, z = random_qkvz(3, 300.0)
   out, a0, margin = run(q, k, v, z)
-  ref_out, ref_a0, _ = attention.reference_attention_np(q, k, v, z)
+  ref_out, ref_a0, _ = reference_attention_np(q, k, v, z)
   s0 = np.einsum('thk,hk->th', q, z) / np.sqrt(K)
   s = np.einsum('thk,shk->tsh', q, k) / np.sqrt(K)
   ref_margin = np.stack([s0[t] - s[t, :t + 1].max(0) for t in range(T)])
@@ -223,7 +249,7 @@ def test_dot_product_matches_float64_reference():
   out, a0, _ = jax.jit(attention.dot_product_attention)(
       *(jnp.asarray(x, jnp.float32)[None] for x in (q, k, v)),
       jnp.asarray(z, jnp.float32))
-  ref_out, ref_a0, _ = attention.reference_attention_np(q, k, v, z)
+  ref_out, ref_a0, _ = reference_attention_np(q, k, v, z)
   np.testing.assert_allclose(a0[0], ref_a0, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(out[0], ref_out, rtol=1e-4, atol=3e-5)
 

@@ -101,7 +101,7 @@ def test_resolve_missing_is_config_error(tmp_path, name):
 
 def _assert_prepare_fails(config, workdir, cache_dir, match):
   with pytest.raises(ConfigError, match=match) as error:
-    data.prepare(config, workdir)
+    data.load_corpus(config, workdir)
   _one_line(error)
   assert not workdir.exists()
   assert _is_absent_or_empty(cache_dir)
@@ -166,7 +166,7 @@ def test_char_non_utf8_names_file_and_offset(tmp_path, cache_dir):
 def test_byte_split_is_contiguous_head_and_tail(tmp_path):
   source = _write(tmp_path / 'src' / 'a.txt', TEXT)
   _write(tmp_path / 'src' / 'b.txt', 'second file')
-  corpus = data.prepare(_config(tmp_path / 'src'), tmp_path / 'work')
+  corpus = data.load_corpus(_config(tmp_path / 'src'), tmp_path / 'work')
   raw = TEXT.encode() + b'\n' + b'second file'
   n_train = int(len(raw) * 0.9)
   assert corpus.train_N.tobytes() == raw[:n_train]  # One byte a token.
@@ -187,7 +187,7 @@ def test_byte_split_is_contiguous_head_and_tail(tmp_path):
 
 def test_char_split_at_character_boundary(tmp_path):
   source = _write(tmp_path / 'a.txt', TEXT)
-  corpus = data.prepare(_config(source, tokenizer='char'), tmp_path / 'work')
+  corpus = data.load_corpus(_config(source, tokenizer='char'), tmp_path / 'work')
   n_train = int(len(TEXT) * 0.9)
   tok = corpus.tokenizer
   assert tok.decode(corpus.train_N) == TEXT[:n_train]
@@ -201,7 +201,7 @@ def test_char_vocabulary_covers_the_validation_tail(tmp_path):
   # '_' first appears in the last 10%: once fatal ("not in the vocabulary").
   text = 'abc def\n' * 90 + 'x_y\n' * 10
   source = _write(tmp_path / 'a.txt', text)
-  corpus = data.prepare(_config(source, tokenizer='char', seq_len=4),
+  corpus = data.load_corpus(_config(source, tokenizer='char', seq_len=4),
                         tmp_path / 'work')
   assert '_' in corpus.tokenizer.chars
   assert corpus.tokenizer.decode(corpus.val_N).endswith('x_y\n')
@@ -209,7 +209,7 @@ def test_char_vocabulary_covers_the_validation_tail(tmp_path):
 
 def test_sentencepiece_prepare_round_trip(tmp_path):
   source = _write(tmp_path / 'a.txt', TEXT * 3)
-  corpus = data.prepare(
+  corpus = data.load_corpus(
       _config(source, tokenizer='sentencepiece', vocab_size=300),
       tmp_path / 'work')
   tok = corpus.tokenizer
@@ -221,10 +221,10 @@ def test_sentencepiece_prepare_round_trip(tmp_path):
 
 def test_val_fraction_zero_gives_empty_val(tmp_path):
   source = _write(tmp_path / 'a.txt', TEXT)
-  corpus = data.prepare(_config(source, val_fraction=0.0), tmp_path / 'work')
+  corpus = data.load_corpus(_config(source, val_fraction=0.0), tmp_path / 'work')
   assert corpus.val_N.shape == (0,) and corpus.val_N.dtype == np.uint8
   assert corpus.train_N.size == len(TEXT.encode())
-  again = data.prepare(_config(source, val_fraction=0.0), tmp_path / 'work')
+  again = data.load_corpus(_config(source, val_fraction=0.0), tmp_path / 'work')
   assert again.val_N.size == 0
 
 
@@ -232,7 +232,7 @@ def test_cache_reused_then_invalidated_by_source_change(
     tmp_path, cache_dir, monkeypatch):
   source = _write(tmp_path / 'a.txt', TEXT)
   config = _config(source)
-  first = data.prepare(config, tmp_path / 'work')
+  first = data.load_corpus(config, tmp_path / 'work')
   train_bin = first.cache_path / 'train.bin'
   stat = train_bin.stat()
 
@@ -241,14 +241,14 @@ def test_cache_reused_then_invalidated_by_source_change(
 
   with monkeypatch.context() as patch:
     patch.setattr(tokenizers.ByteTokenizer, 'encode_bytes', fail)
-    second = data.prepare(config, tmp_path / 'work')
+    second = data.load_corpus(config, tmp_path / 'work')
   assert second.cache_path == first.cache_path
   assert (train_bin.stat().st_ino, train_bin.stat().st_mtime_ns) == (
       stat.st_ino, stat.st_mtime_ns)
   np.testing.assert_array_equal(second.train_N, first.train_N)
 
   _write(source, TEXT.replace('fox', 'cat'))
-  third = data.prepare(config, tmp_path / 'work')
+  third = data.load_corpus(config, tmp_path / 'work')
   assert third.cache_path != first.cache_path
   assert third.meta['sources_sha256'] != first.meta['sources_sha256']
   assert b'cat' in third.train_N.astype(np.uint8).tobytes()
@@ -259,11 +259,11 @@ def test_cache_reused_then_invalidated_by_source_change(
 
 
 def test_cache_key_depends_on_paths_and_val_fraction(tmp_path):
-  first = data.prepare(_config(_write(tmp_path / 'a.txt', TEXT)),
+  first = data.load_corpus(_config(_write(tmp_path / 'a.txt', TEXT)),
                        tmp_path / 'work')
-  renamed = data.prepare(_config(_write(tmp_path / 'b.txt', TEXT)),
+  renamed = data.load_corpus(_config(_write(tmp_path / 'b.txt', TEXT)),
                          tmp_path / 'work')
-  other_split = data.prepare(
+  other_split = data.load_corpus(
       _config(tmp_path / 'a.txt', val_fraction=0.2), tmp_path / 'work')
   keys = {c.cache_path for c in (first, renamed, other_split)}
   assert len(keys) == 3
@@ -272,15 +272,15 @@ def test_cache_key_depends_on_paths_and_val_fraction(tmp_path):
 def test_resumed_run_keeps_workdir_tokenizer(tmp_path):
   source = _write(tmp_path / 'a.txt', 'abcdefgh' * 50)
   workdir = tmp_path / 'work'
-  first = data.prepare(_config(source, tokenizer='char'), workdir)
+  first = data.load_corpus(_config(source, tokenizer='char'), workdir)
   saved = (workdir / 'tokenizer.json').read_bytes()
   _write(source, 'abcd' * 100)  # Fewer distinct characters now.
-  second = data.prepare(_config(source, tokenizer='char'), workdir)
+  second = data.load_corpus(_config(source, tokenizer='char'), workdir)
   assert second.tokenizer.chars == first.tokenizer.chars
   assert (workdir / 'tokenizer.json').read_bytes() == saved
   np.testing.assert_array_equal(second.train_N[:4], [0, 1, 2, 3])
   with pytest.raises(ConfigError, match='holds a .char. tokenizer'):
-    data.prepare(_config(source, tokenizer='byte'), workdir)
+    data.load_corpus(_config(source, tokenizer='byte'), workdir)
 
 
 @pytest.mark.parametrize('kind, fixture, vocab', [
@@ -291,26 +291,26 @@ def test_existing_tokenizer_is_loaded_and_sets_the_vocabulary(
   source = _write(tmp_path / 'a.txt', TEXT)
   config = _config(source, tokenizer=kind, tokenizer_path=path,
                    vocab_size=5000)
-  corpus = data.prepare(config, tmp_path / 'work')
+  corpus = data.load_corpus(config, tmp_path / 'work')
   tok = corpus.tokenizer
   assert tok.vocab_size == vocab and corpus.meta['vocab_size'] == vocab
   assert tok.decode(corpus.train_N) + tok.decode(corpus.val_N) == TEXT
   assert tokenizers.load_tokenizer(tmp_path / 'work').fingerprint() == (
       tok.fingerprint())
-  again = data.prepare(config, tmp_path / 'work')  # Resumes: same ids.
+  again = data.load_corpus(config, tmp_path / 'work')  # Resumes: same ids.
   np.testing.assert_array_equal(again.train_N, corpus.train_N)
 
 
 def test_resume_with_another_tokenizer_file_is_refused(
     tmp_path, sp_model_file):
   source = _write(tmp_path / 'a.txt', TEXT)
-  data.prepare(_config(source, tokenizer='sentencepiece',
+  data.load_corpus(_config(source, tokenizer='sentencepiece',
                        tokenizer_path=sp_model_file), tmp_path / 'work')
   other = tmp_path / 'other.model'
   other.write_bytes(tokenizers.SentencePieceTokenizer.train(
       TEXT, 300).model_bytes)
   with pytest.raises(ConfigError, match='differs from the tokenizer') as e:
-    data.prepare(_config(source, tokenizer='sentencepiece',
+    data.load_corpus(_config(source, tokenizer='sentencepiece',
                          tokenizer_path=str(other)), tmp_path / 'work')
   _one_line(e)
 
@@ -339,7 +339,7 @@ def test_batch_shapes_types_and_shift():
 
 def test_batch_shift_on_real_tokens(tmp_path):
   source = _write(tmp_path / 'a.txt', TEXT)
-  corpus = data.prepare(_config(source), tmp_path / 'work')
+  corpus = data.load_corpus(_config(source), tmp_path / 'work')
   ds = data.make_train_dataset(corpus.train_N, SEQ_LEN, 4, seed=1)
   for step in range(3):
     batch = ds[step]

@@ -64,7 +64,7 @@ def replay(ce_CxB, stat_CxB, tau, low: bool, min_cycles: int = 1):
 def test_sweep_matches_the_replay_from_one_pass(workdir, criterion,
                                                 min_cycles):
   module, params, config = ztt_jax.load(workdir)
-  corpus = data.prepare(config.data, str(workdir))
+  corpus = data.load_corpus(config.data, str(workdir))
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
       corpus.val_N, config.data.seq_len, 8, 2)]
   ce_CxB = np.concatenate([eval_outputs(module, params, b)['ce_CxB']
@@ -98,7 +98,7 @@ def test_per_token_sweep_decodes_with_the_cache(workdir):
   baseline deals out the rule's own cycles, and what the loop ran is at
   least the mean."""
   module, params, config = ztt_jax.load(workdir)
-  corpus = data.prepare(config.data, str(workdir))
+  corpus = data.load_corpus(config.data, str(workdir))
   batches = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
       corpus.val_N, config.data.seq_len, 4, 2)]
   ce_C = np.mean([eval_outputs(module, params, b)['ce_CxB']

@@ -115,7 +115,7 @@ def test_corpus_is_prepared_by_process_0_then_read(tmp_path, corpus):
   def spy(data_config, wd, write=True):
     i = 0 if write else 1
     fake.log(i, f'prepare write={write}')
-    result = data.prepare(data_config, wd, write=write)
+    result = data.load_corpus(data_config, wd, write=write)
     fake.log(i, 'prepared')
     return result
 
@@ -125,8 +125,8 @@ def test_corpus_is_prepared_by_process_0_then_read(tmp_path, corpus):
       fake.log(1, 'start')
     else:
       threading.Event().wait(0.2)
-    return multihost.prepare_corpus(_data_config(corpus, cache),
-                                    str(workdir), comms, prepare=spy)
+    return multihost.coordinated_corpus(_data_config(corpus, cache),
+                                    str(workdir), comms, load=spy)
 
   out = fake.run(process)
   assert [e for _, e in out] == [None, None]
@@ -143,13 +143,13 @@ def test_read_only_prepare_writes_nothing(tmp_path, corpus):
   workdir, cache = tmp_path / 'run', tmp_path / 'cache'
   # No tokenizer.json yet: the read-only side refuses, and writes nothing.
   with pytest.raises(ConfigError, match='tokenizer.json'):
-    data.prepare(_data_config(corpus, cache), workdir, write=False)
+    data.load_corpus(_data_config(corpus, cache), workdir, write=False)
   assert not workdir.exists() and not cache.exists()
-  written = data.prepare(_data_config(corpus, cache), workdir)
+  written = data.load_corpus(_data_config(corpus, cache), workdir)
   # A cache this process cannot see (host-local): tokenized in memory.
   other_cache = tmp_path / 'other_cache'
   before = sorted(os.listdir(workdir))
-  read = data.prepare(_data_config(corpus, other_cache), workdir,
+  read = data.load_corpus(_data_config(corpus, other_cache), workdir,
                       write=False)
   assert not other_cache.exists() and sorted(os.listdir(workdir)) == before
   np.testing.assert_array_equal(read.train_N, written.train_N)
@@ -160,8 +160,8 @@ def test_a_failure_on_process_0_stops_every_process(tmp_path):
   def broken(data_config, wd, write=True):
     raise ConfigError('data.path: no such file; fix it')
 
-  out = _FakeRun(2).run(lambda i, c: multihost.prepare_corpus(
-      None, str(tmp_path), c, prepare=broken))
+  out = _FakeRun(2).run(lambda i, c: multihost.coordinated_corpus(
+      None, str(tmp_path), c, load=broken))
   assert 'no such file' in str(out[0][1])
   assert 'process 0 could not prepare the corpus' in str(out[1][1])
 

@@ -156,7 +156,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, corpus):
 
 
 def test_nan_stops_naming_the_step_and_keeps_checkpoints(tmp_path, corpus):
-  config = config_for(corpus, steps=8, inject_nan_at_step=5)
+  config = config_for(corpus, steps=8, debug_nan_at_step=5)
   workdir = tmp_path / 'run'
   with pytest.raises(train.TrainingDiverged, match='step 5') as e:
     train.train(config, str(workdir))
@@ -173,7 +173,7 @@ def test_nan_stops_naming_the_step_and_keeps_checkpoints(tmp_path, corpus):
 
 
 def test_nan_skip_policy_drops_the_update_and_goes_on(tmp_path, corpus):
-  config = config_for(corpus, steps=8, inject_nan_at_step=7,
+  config = config_for(corpus, steps=8, debug_nan_at_step=7,
                       nan_policy='skip')
   config.checkpoint.every_steps = 1  # Keeps steps 6, 7 (skipped) and 8.
   stream = io.StringIO()
@@ -235,7 +235,7 @@ def test_nan_stop_found_late_saves_the_state_before_the_bad_step(
     tmp_path, corpus):
   # The bad step 5 is read at step 6 (a checkpoint step; logs every 4):
   # step 6 ran on the device meanwhile but changed nothing.
-  config = config_for(corpus, steps=8, inject_nan_at_step=5,
+  config = config_for(corpus, steps=8, debug_nan_at_step=5,
                       log_every_steps=4)
   workdir = tmp_path / 'run'
   with pytest.raises(train.TrainingDiverged, match='at step 5;'):
@@ -267,7 +267,7 @@ def test_nan_stop_found_late_saves_the_state_before_the_bad_step(
 
 
 def train_iterator(config, workdir):
-  corpus = data.prepare(config.data, workdir, write=False)
+  corpus = data.load_corpus(config.data, workdir, write=False)
   return data.make_train_iterator(data.make_train_dataset(
       corpus.train_N, config.data.seq_len, config.train.batch_size,
       config.seed))

@@ -227,8 +227,6 @@ def test_cluster_without_coordinator_is_a_one_line_error(monkeypatch):
 def test_dcn_data_repeats_the_slice_layout_along_data(mesh, n_devices, ici,
                                                       dcn):
   assert sharding.mesh_shapes(mesh, n_devices) == (ici, dcn)
-  assert sharding.mesh_shape(mesh, n_devices) == (
-      ici[0] * dcn[0], ici[1], ici[2])
 
 
 @pytest.mark.parametrize('mesh, message', [

@@ -59,7 +59,7 @@ def _prepare(tmp_path, name='prepared', **overrides) -> pathlib.Path:
   if not (tmp_path / 'src').exists():
     _corpus_dir(tmp_path)
   output = tmp_path / name
-  shards.prepare(_data_config(tmp_path / 'src', **overrides), output,
+  shards.write_shards(_data_config(tmp_path / 'src', **overrides), output,
                  workers=1, shard_mb=SHARD_MB, log=lambda _: None)
   return output
 
@@ -120,8 +120,8 @@ def test_prepared_tokens_are_the_in_memory_tokens(tmp_path, tokenizer):
   assert len(manifest['shards']) > 5
   assert manifest['dtype'] == 'uint8'  # byte: 256 ids; char: a few dozen.
   config = _data_config(tmp_path / 'src', tokenizer=tokenizer)
-  in_memory = data.prepare(config, tmp_path / 'work_text')
-  from_dir = data.prepare(_data_config(output, tokenizer=tokenizer),
+  in_memory = data.load_corpus(config, tmp_path / 'work_text')
+  from_dir = data.load_corpus(_data_config(output, tokenizer=tokenizer),
                           tmp_path / 'work_dir')
   assert from_dir.tokenizer.fingerprint() == in_memory.tokenizer.fingerprint()
   assert '_' in from_dir.tokenizer.decode(np.asarray(from_dir.val_N))
@@ -143,7 +143,7 @@ def test_prepared_tokens_are_the_in_memory_tokens(tmp_path, tokenizer):
 def test_processes_write_the_same_shards(tmp_path):
   one = _prepare(tmp_path, 'one')
   two = tmp_path / 'two'
-  shards.prepare(_data_config(tmp_path / 'src'), two, workers=2,
+  shards.write_shards(_data_config(tmp_path / 'src'), two, workers=2,
                  shard_mb=SHARD_MB, log=lambda _: None)
   manifests = [json.loads((d / 'manifest.json').read_text())
                for d in (one, two)]
@@ -182,7 +182,7 @@ def test_tokenizer_mismatch_is_one_line(tmp_path):
   output = _prepare(tmp_path, tokenizer='char')
   with pytest.raises(ConfigError, match='prepared with the char tokenizer but '
                      'data.tokenizer=byte; set --config.data.tokenizer=char'):
-    data.prepare(_data_config(output), tmp_path / 'work')
+    data.load_corpus(_data_config(output), tmp_path / 'work')
 
 
 @pytest.mark.parametrize('kind, fixture', [
@@ -192,7 +192,7 @@ def test_prepare_with_other_tokenizers(tmp_path, request, kind, fixture):
   path = request.getfixturevalue(fixture) if fixture else ''
   output = _prepare(tmp_path, tokenizer=kind, tokenizer_path=path,
                     vocab_size=300)
-  corpus = data.prepare(_data_config(output, tokenizer=kind,
+  corpus = data.load_corpus(_data_config(output, tokenizer=kind,
                                      tokenizer_path=path, vocab_size=300),
                         tmp_path / 'work')
   assert corpus.meta['dtype'] == 'uint16'
@@ -209,17 +209,17 @@ def test_other_processes_only_read_a_prepared_dir(tmp_path):
   workdir = tmp_path / 'run'
   # Before process 0 saved the tokenizer: refused, nothing written.
   with pytest.raises(ConfigError, match='tokenizer.json'):
-    data.prepare(config, workdir, write=False)
+    data.load_corpus(config, workdir, write=False)
   assert not workdir.exists()
-  first = data.prepare(config, workdir)  # Process 0.
+  first = data.load_corpus(config, workdir)  # Process 0.
   before = sorted(p.name for p in workdir.iterdir())
-  other = data.prepare(config, workdir, write=False)
+  other = data.load_corpus(config, workdir, write=False)
   assert sorted(p.name for p in workdir.iterdir()) == before
   np.testing.assert_array_equal(np.asarray(other.train_N),
                                 np.asarray(first.train_N))
   # A workdir trained with another tokenizer is refused.
   with pytest.raises(ConfigError, match='holds another tokenizer'):
-    data.prepare(_data_config(_prepare(tmp_path, 'bytes'), tokenizer='byte'),
+    data.load_corpus(_data_config(_prepare(tmp_path, 'bytes'), tokenizer='byte'),
                  workdir)
 
 
@@ -232,21 +232,21 @@ def test_val_path_text_and_prepared(tmp_path):
   val_text = tmp_path / 'val.txt'
   val_text.write_text('held out text: zebra_quartz\n' * 20)
   config = _data_config(train_text, tokenizer='char', val_path=str(val_text))
-  corpus = data.prepare(config, tmp_path / 'work')
+  corpus = data.load_corpus(config, tmp_path / 'work')
   assert len(corpus.train_N) == len(TEXT)  # All of data.path trains.
   assert corpus.tokenizer.decode(corpus.val_N) == val_text.read_text()
   val_dir = tmp_path / 'val_prepared'
-  shards.prepare(_data_config(val_text, tokenizer='byte'), val_dir,
+  shards.write_shards(_data_config(val_text, tokenizer='byte'), val_dir,
                  workers=1, log=lambda _: None)
-  corpus = data.prepare(_data_config(train_text, val_path=str(val_dir)),
+  corpus = data.load_corpus(_data_config(train_text, val_path=str(val_dir)),
                         tmp_path / 'work_byte')
   assert bytes(np.asarray(corpus.val_N)) == val_text.read_bytes()
   with pytest.raises(ConfigError, match='was prepared with another '
                      'tokenizer'):
-    data.prepare(_data_config(train_text, tokenizer='char',
+    data.load_corpus(_data_config(train_text, tokenizer='char',
                               val_path=str(val_dir)), tmp_path / 'work_char')
   with pytest.raises(ConfigError, match='data.val_path=.*no such file'):
-    data.prepare(_data_config(train_text, val_path=str(tmp_path / 'nope')),
+    data.load_corpus(_data_config(train_text, val_path=str(tmp_path / 'nope')),
                  tmp_path / 'work_3')
   assert not (tmp_path / 'work_3').exists()
 

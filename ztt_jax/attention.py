@@ -250,29 +250,3 @@ def causal_mask(q_positions_BxT: jax.Array,
                 k_positions_BxS: jax.Array) -> jax.Array:
   """True where the key position is at or before the query position."""
   return k_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
-
-
-def reference_attention_np(q_TxHxK, k_SxHxK, v_SxHxK, zero_key_HxK):
-  """Float64 NumPy reference for one sequence with causal masking (T == S).
-
-  Returns `(out_TxHxK, a0_TxH, plain_TxHxK)` where `plain` is ordinary causal
-  attention without the zero token, so tests can check
-  `out == (1 - a0) * plain`.
-  """
-  q, k, v, z = (np.asarray(a, np.float64)
-                for a in (q_TxHxK, k_SxHxK, v_SxHxK, zero_key_HxK))
-  t_len, n_heads, dim = q.shape
-  out = np.zeros_like(q)
-  plain = np.zeros_like(q)
-  a0 = np.zeros((t_len, n_heads))
-  for t in range(t_len):
-    for h in range(n_heads):
-      logits = np.concatenate([[q[t, h] @ z[h]], k[:t + 1, h] @ q[t, h]])
-      logits /= np.sqrt(dim)
-      w = np.exp(logits - logits.max())
-      w /= w.sum()
-      a0[t, h] = w[0]
-      out[t, h] = w[1:] @ v[:t + 1, h]
-      w_plain = np.exp(logits[1:] - logits[1:].max())
-      plain[t, h] = (w_plain / w_plain.sum()) @ v[:t + 1, h]
-  return out, a0, plain

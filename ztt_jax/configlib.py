@@ -98,7 +98,10 @@ def base_config(variant: str = 'ztt') -> ml_collections.ConfigDict:
   # Non-finite loss or grads: 'stop' (save state + batch under
   # WORKDIR/nonfinite/, exit 1) or 'skip' (drop that update, go on).
   c.train.nan_policy = 'stop'
-  c.train.inject_nan_at_step = -1  # Tests only: poison this step.
+  # Debugging switch: make step N's loss and gradients NaN, to rehearse
+  # nan_policy (the stop, the dump under nonfinite/, the resume) on a real
+  # setup before a long run relies on it; -1: off.
+  c.train.debug_nan_at_step = -1
   # A jax.profiler trace of steps FIRST to LAST (both included, as
   # metrics.jsonl numbers them), e.g. '10,15', or of one step, '12', into
   # WORKDIR/profile (process 0); '' : off.

@@ -325,10 +325,10 @@ def _prepare_from_shards(options: _Options, workdir: pathlib.Path,
                 meta=meta, cache_path=prepared.path)
 
 
-# ----------------------------------------------------------------- prepare --
+# ------------------------------------------------------------- load_corpus --
 
 
-def prepare(data_config: ml_collections.ConfigDict,
+def load_corpus(data_config: ml_collections.ConfigDict,
             workdir: str | os.PathLike[str], write: bool = True) -> Corpus:
   """Tokenizes the configured corpus (cached) and returns its two splits.
 
@@ -340,7 +340,7 @@ def prepare(data_config: ml_collections.ConfigDict,
       seq_len, cache_dir).
     workdir: the run directory; holds tokenizer.json (reused when present).
     write: False: only read (the processes other than 0 of a multi-process
-      run, see multihost.prepare_corpus): the workdir's tokenizer.json must
+      run, see multihost.coordinated_corpus): the workdir's tokenizer.json must
       exist, and a token cache that is not there is tokenized in memory.
 
   Returns:

@@ -25,6 +25,7 @@ import ztt_jax
 from ztt_jax import data
 from ztt_jax import exits
 from ztt_jax import generate
+from ztt_jax import lru
 from ztt_jax.errors import check
 
 
@@ -45,12 +46,15 @@ def token_statistics(module, params, batch) -> dict[str, jax.Array]:
 PER = ('sequence', 'token')
 
 
-@functools.lru_cache(maxsize=32)
+_COMPILED = lru.LRU(32)
+
+
 def _jitted(make, *args, out_sharding=None):
   """`jax.jit(make(*args))`, built once per arguments (hashable): repeated
   sweeps of one model (training summaries, tests) compile once."""
-  return jax.jit(make(*args), **({} if out_sharding is None
-                                 else {'out_shardings': out_sharding}))
+  kwargs = {} if out_sharding is None else {'out_shardings': out_sharding}
+  return _COMPILED.get((make, args, out_sharding),
+                       lambda: jax.jit(make(*args), **kwargs))
 
 
 def _pass_fn(module, rule: exits.ExitRule, per: str):
@@ -259,7 +263,7 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
         '(letters, digits, ._-)')
   module, params, config = ztt_jax.load(workdir, step, overrides)
   cfg = module.cfg
-  corpus = data.prepare(config.data, workdir)
+  corpus = data.load_corpus(config.data, workdir)
   tokens = corpus.val_N if split == 'val' else corpus.train_N
   check(len(tokens) > config.data.seq_len, f'the {split} split has '
         f'{len(tokens)} tokens, fewer than one window; use --split=train')

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ztt_jax
+from ztt_jax import attention
 from ztt_jax import exits
 from ztt_jax import lru
 from ztt_jax import model as model_lib
@@ -66,11 +67,6 @@ def init_cache(cfg: model_config.ModelConfig, batch: int, length: int) -> Cache:
       head=zeros(cfg.head_layers) if cfg.head_layers else None,
       mid=zeros(cfg.cycles, cfg.mid_layers),
       tail=zeros(cfg.tail_layers) if cfg.tail_layers else None)
-
-
-def _write_rows(cache_SxGxK, new_TxGxK, start):
-  return jax.lax.dynamic_update_slice_in_dim(
-      cache_SxGxK, new_TxGxK.astype(cache_SxGxK.dtype), start, 0)
 
 
 def forward(module: model_lib.Transformer, params, tokens_BxT, positions_BxT,
@@ -148,13 +144,11 @@ def forward(module: model_lib.Transformer, params, tokens_BxT, positions_BxT,
     # Cycles nobody ran: fill from the exit states (state propagation).
     kv = call(Transformer.middle_kv, x_BxTxD, positions_BxT)
     starts_B = positions_BxT[:, 0]
-    write = jax.vmap(jax.vmap(_write_rows, in_axes=(0, 0, 0)),
-                     in_axes=(0, 0, None))
+    write = jax.vmap(attention.write_cache, in_axes=(0, 0, None))  # Layers.
 
     def fill(c, mid_cache):
-      return jax.tree.map(
-          lambda full, new_LxBxTxGxK: full.at[c].set(
-              write(full[c], new_LxBxTxGxK, starts_B)), mid_cache, kv)
+      written = write(tuple(full[c] for full in mid_cache), kv, starts_B)
+      return tuple(full.at[c].set(new) for full, new in zip(mid_cache, written))
 
     mid_cache = jax.lax.fori_loop(c_end, cfg.cycles, fill, mid_cache)
 

@@ -10,7 +10,7 @@ extra processes.
   process reads it back after a barrier; a workdir some process cannot see
   (a per-host local directory) fails on every process with one line,
   instead of hanging at the first checkpoint.
-* `prepare_corpus`: process 0 tokenizes and writes the token cache and
+* `coordinated_corpus`: process 0 tokenizes and writes the token cache and
   `tokenizer.json`; the others wait, then only read.
 """
 
@@ -101,9 +101,9 @@ def check_shared_workdir(workdir: str, comms: Comms) -> None:
         'or a bucket via gcsfuse: launch/tpu_pod.sh --mount_bucket=BUCKET)')
 
 
-def prepare_corpus(data_config, workdir: str, comms: Comms,
-                   prepare: Callable[..., Any] | None = None):
-  """`data.prepare` by process 0 only; the others wait, then only read.
+def coordinated_corpus(data_config, workdir: str, comms: Comms,
+                       load: Callable[..., Any] | None = None):
+  """`data.load_corpus` by process 0 only; the others wait, then only read.
 
   Process 0 tokenizes (or finds the cache) and writes the token cache and
   `WORKDIR/tokenizer.json`; after it is done (an allgather of its outcome,
@@ -115,20 +115,20 @@ def prepare_corpus(data_config, workdir: str, comms: Comms,
     data_config: the `data` ConfigDict.
     workdir: the run directory (shared, see `check_shared_workdir`).
     comms: the processes.
-    prepare: `data.prepare` (tests pass a spy).
+    load: `data.load_corpus` (tests pass a spy).
 
   Returns:
     The Corpus.
   """
-  if prepare is None:
+  if load is None:
     from ztt_jax import data  # pylint: disable=g-import-not-at-top
-    prepare = data.prepare
+    load = data.load_corpus
   if comms.process_count == 1:
-    return prepare(data_config, workdir)
+    return load(data_config, workdir)
   corpus, error = None, None
   if comms.process_index == 0:
     try:
-      corpus = prepare(data_config, workdir)
+      corpus = load(data_config, workdir)
     except Exception as e:  # pylint: disable=broad-except
       error = e  # Raised below, after telling the others.
   done_P = comms.allgather(np.int32(error is None))
@@ -138,5 +138,5 @@ def prepare_corpus(data_config, workdir: str, comms: Comms,
     raise ConfigError('process 0 could not prepare the corpus (its error '
                       'says why); fix that and run again')
   if comms.process_index != 0:
-    corpus = prepare(data_config, workdir, write=False)
+    corpus = load(data_config, workdir, write=False)
   return corpus

@@ -79,12 +79,6 @@ def mesh_shapes(mesh_config, n_devices: int
   return tuple(sizes), (dcn, 1, 1)
 
 
-def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
-  """The whole mesh's shape: `mesh_shapes`, multiplied."""
-  ici, dcn = mesh_shapes(mesh_config, n_devices)
-  return tuple(i * d for i, d in zip(ici, dcn))
-
-
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all).
 

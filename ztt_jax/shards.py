@@ -319,7 +319,7 @@ def _check_output(output: pathlib.Path, path: str) -> None:
         f'(data.path={path}); put it outside data.path')
 
 
-def prepare(data_config, output: str | os.PathLike[str], workers: int = 0,
+def write_shards(data_config, output: str | os.PathLike[str], workers: int = 0,
             shard_mb: float = 64, log: Callable[[str], Any] = print
             ) -> dict[str, Any]:
   """ztt-prepare: tokenizes `data_config.path` into a prepared directory.

@@ -91,7 +91,7 @@ def loss_fn(module, model_cfg: model_config.ModelConfig, params, batch, rng,
 
 
 def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
-                    seed: int, inject_nan_at_step: int = -1):
+                    seed: int, debug_nan_at_step: int = -1):
   """The (unjitted) train step: grads, optional accumulation, AdamW.
 
   `train_step(state, batch)`: a step whose loss or gradients are not finite
@@ -106,7 +106,8 @@ def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
   for the next call. Either way the decision is made on the device: the
   loop never has to wait for a step to finish before dispatching the next.
 
-  `inject_nan_at_step` (tests only) poisons that step's loss and grads.
+  `debug_nan_at_step` (`train.debug_nan_at_step`, a debugging switch)
+  makes that step's loss and grads NaN.
   """
   deterministic = model_cfg.dropout == 0
   grad_fn = jax.value_and_grad(
@@ -133,8 +134,8 @@ def make_train_step(module, model_cfg, tx, schedule, accum_steps: int,
           accumulate, zeros, (jnp.arange(accum_steps), micro))
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
       loss, aux = jax.tree.map(lambda x: x.mean(0), (loss, aux))
-    if inject_nan_at_step >= 0:
-      poison = jnp.where(state.step + 1 == inject_nan_at_step, jnp.nan, 1.0)
+    if debug_nan_at_step >= 0:
+      poison = jnp.where(state.step + 1 == debug_nan_at_step, jnp.nan, 1.0)
       loss = loss * poison
       grads = jax.tree.map(lambda g: g * poison, grads)
     grad_norm = optax.tree.norm(grads)
@@ -196,7 +197,7 @@ class Setup:
     sharding.check_batch(config.train.batch_size,
                          config.train.grad_accum_steps, self.mesh, self.rules)
     # Multi-process: process 0 tokenizes and writes, the others then read.
-    self.corpus = None if workdir is None else multihost.prepare_corpus(
+    self.corpus = None if workdir is None else multihost.coordinated_corpus(
         config.data, workdir, multihost.Comms.from_jax())
     config = ml_collections.ConfigDict(config.to_dict())
     if self.corpus is not None:
@@ -279,7 +280,7 @@ class Setup:
           make_train_step(self.module, self.model_cfg, self.tx, self.schedule,
                           self.config.train.grad_accum_steps,
                           self.config.seed,
-                          self.config.train.inject_nan_at_step),
+                          self.config.train.debug_nan_at_step),
           in_shardings=(shardings, batch_sharding)
           + ((replicated,) if stop_on_nonfinite else ()),
           out_shardings=(shardings, replicated),
@@ -445,10 +446,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
         if preempted:
           break
     guard.check(state)
+    if ckpt.latest_step() != step:  # The last step, saved and on disk.
+      ckpt.save(step, state, data_iter, config, force=True)
+    ckpt.wait()
     if preempted:
-      if ckpt.latest_step() != step:
-        ckpt.save(step, state, data_iter, config, force=True)
-      ckpt.wait()
       ckpt.close()
       writer.print(f'stopped by {preempted} at step {step}: saved '
                    f'{ckpt.directory}/{step}; run the same command to '
@@ -456,9 +457,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
       writer.close()
       return {'step': step, 'preempted': preempted,
               'checkpoint': f'{ckpt.directory}/{step}'}
-    if ckpt.latest_step() != step:
-      ckpt.save(step, state, data_iter, config, force=True)
-    ckpt.wait()
     if not last_eval and step == t.steps:
       last_eval = run_eval(state.params)
     summary = {'step': step, 'checkpoint': f'{ckpt.directory}/{step}',

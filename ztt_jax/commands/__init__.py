@@ -6,7 +6,7 @@
     ztt-bench     commands/bench.py     bench.compare
     ztt-compile   commands/compile.py   compile.compile_for_topology
     ztt-convert   commands/convert.py   convert.convert
-    ztt-prepare   commands/prepare.py   shards.prepare
+    ztt-prepare   commands/prepare.py   shards.write_shards
 
 Each declares its flags once (a dataclass, see `common.flag`) and parses
 them before importing jax, so `--help` and flag errors are quick.

@@ -12,7 +12,7 @@ manifest.json into --output (a new directory; nothing is overwritten). The
 tokenizer comes from the config's data section: data.tokenizer, and
 data.tokenizer_path for an existing SentencePiece .model or Hugging Face
 tokenizer.json. Training from the directory reads only the windows it
-samples. Runs `shards.prepare`.
+samples. Runs `shards.write_shards`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _prepare(options: Options, overrides: dict[str, str]) -> int:
         if bad else 'every shard matches the manifest'))
     return 1 if bad else 0
   config = configlib.override(configlib.from_file(options.config), overrides)
-  shards.prepare(config.data, options.output, options.workers,
+  shards.write_shards(config.data, options.output, options.workers,
                  options.shard_mb)
   return 0
 
