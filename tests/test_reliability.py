@@ -7,7 +7,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 
 import chex
@@ -21,6 +20,7 @@ import ztt_jax
 from configs import tiny
 from ztt_jax import data
 from ztt_jax import train
+from ztt_jax import watch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'scripts'))
@@ -158,7 +158,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, corpus):
 def test_nan_stops_naming_the_step_and_keeps_checkpoints(tmp_path, corpus):
   config = config_for(corpus, steps=8, debug_nan_at_step=5)
   workdir = tmp_path / 'run'
-  with pytest.raises(train.TrainingDiverged, match='step 5') as e:
+  with pytest.raises(watch.TrainingDiverged, match='step 5') as e:
     train.train(config, str(workdir))
   assert '\n' not in str(e.value)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
@@ -238,7 +238,7 @@ def test_nan_stop_found_late_saves_the_state_before_the_bad_step(
   config = config_for(corpus, steps=8, debug_nan_at_step=5,
                       log_every_steps=4)
   workdir = tmp_path / 'run'
-  with pytest.raises(train.TrainingDiverged, match='at step 5;'):
+  with pytest.raises(watch.TrainingDiverged, match='at step 5;'):
     train.train(config, str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
   debug = workdir / 'nonfinite' / 'step_5'

@@ -18,6 +18,7 @@ from configs import tiny
 from ztt_jax import metrics
 from ztt_jax import tokenizers
 from ztt_jax import train
+from ztt_jax import watch
 from ztt_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -277,14 +278,14 @@ def test_profile_and_wandb_through_a_preempted_and_resumed_run(
                         wandb_project='ztt-tests')
   workdir = tmp_path / 'run'
   # Preempted (SIGTERM) after step 2, inside the profiled range.
-  monkeypatch.setattr(train._StopSignals, 'check',  # pylint: disable=protected-access
+  monkeypatch.setattr(watch.StopSignals, 'check',  # pylint: disable=protected-access
                       lambda self, step: 'SIGTERM' if step == 2 else None)
   summary = train.train(config, str(workdir))
   assert summary['preempted'] == 'SIGTERM' and summary['step'] == 2
   assert len(xplane_files(workdir)) == 1  # Stopped and written.
   assert_no_trace_running(tmp_path)
   # Resumed: traces the rest of the range (step 3), same W&B run.
-  monkeypatch.setattr(train._StopSignals, 'check',  # pylint: disable=protected-access
+  monkeypatch.setattr(watch.StopSignals, 'check',  # pylint: disable=protected-access
                       lambda self, step: None)
   first_trace = xplane_files(workdir)[0]
   first_trace.unlink()
@@ -313,12 +314,12 @@ def test_profile_and_wandb_through_a_preempted_and_resumed_run(
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_one_process_stops_on_its_own_signal(sig):
   before = signal.getsignal(sig)
-  with train._StopSignals(multi_process=False) as signals:  # pylint: disable=protected-access
+  with watch.StopSignals(multi_process=False) as signals:  # pylint: disable=protected-access
     assert signals.check(1) is None
     os.kill(os.getpid(), sig)
     assert signals.check(2) == sig.name
   assert signal.getsignal(sig) is before
-  assert train.EXIT_CODES[sig.name] == 128 + sig
+  assert watch.EXIT_CODES[sig.name] == 128 + sig
 
 
 def test_several_processes_leave_sigterm_to_jax_and_forward_sigint():
@@ -328,7 +329,7 @@ def test_several_processes_leave_sigterm_to_jax_and_forward_sigint():
   outer = signal.signal(signal.SIGTERM, lambda signum, _: got.append(signum))
   try:
     jax_notifier = signal.getsignal(signal.SIGTERM)
-    with train._StopSignals(multi_process=True) as signals:  # pylint: disable=protected-access
+    with watch.StopSignals(multi_process=True) as signals:  # pylint: disable=protected-access
       assert signal.getsignal(signal.SIGTERM) is jax_notifier
       os.kill(os.getpid(), signal.SIGINT)
       assert got == [signal.SIGTERM]

@@ -52,16 +52,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _train(options: Options, overrides: dict[str, str]) -> int:
   """Trains; returns the exit status (0, 1 diverged, 130/143 preempted)."""
   # After the flags: --help and flag errors do not wait for jax.
-  from ztt_jax import configlib, sharding, train  # pylint: disable=g-import-not-at-top
+  from ztt_jax import configlib, sharding, train, watch  # pylint: disable=g-import-not-at-top
   config = configlib.override(configlib.from_file(options.config), overrides)
   sharding.maybe_initialize_distributed(
       options.coordinator_address, options.num_processes, options.process_id)
   try:
     summary = train.train(config, options.workdir)
-  except train.TrainingDiverged as e:
+  except watch.TrainingDiverged as e:
     print(f'{PROG}: error: {e}', file=sys.stderr)
     return 1
-  return train.EXIT_CODES[summary['preempted']] if summary.get(
+  return watch.EXIT_CODES[summary['preempted']] if summary.get(
       'preempted') else 0
 
 
