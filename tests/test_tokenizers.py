@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import pathlib
+import sysconfig
 import tempfile
 import textwrap
 
@@ -84,6 +85,15 @@ def test_char_round_trip_exact_with_unicode():
   assert len(ids_N) == len(text)
   assert tok.decode(ids_N) == text
   assert ids_N.max() < tok.vocab_size
+
+
+def test_char_round_trips_standard_library_text():
+  # Real text on every machine: the running Python's own os.py.
+  text = (pathlib.Path(sysconfig.get_paths()['stdlib']) / 'os.py').read_text(
+      encoding='utf-8')
+  tok = tokenizers.build_tokenizer('char', text.encode())
+  assert tok.vocab_size == len(set(text))
+  assert tok.decode(tok.encode(text)) == text
 
 
 def test_char_shakespeare_has_65_symbols():
