@@ -1,6 +1,6 @@
 """Corpus preparation (sources -> tokenizer -> token arrays) and input.
 
-`prepare` gives a run its tokenizer and two token arrays, train and
+`load_corpus` gives a run its tokenizer and two token arrays, train and
 validation, from one of:
 
 * text (`data.path` a file, directory, glob, .jsonl files or
@@ -16,7 +16,11 @@ held-out set; all of data.path then trains.
 
 `make_train_dataset` turns the train tokens into an infinite, seeded grain
 `MapDataset` of `{'inputs', 'targets'}` batches whose element `s` is this
-process's rows of the batch for step `s`; `eval_batches` gives a fixed set of evaluation batches.
+process's rows of the batch for step `s`; `eval_batches` gives a fixed set
+of evaluation batches. `train_dataset` and `eval_set` do the same for any
+corpus, a synthetic task's included (`data.path=synthetic:hops`,
+synthetic.py), whose batches add a loss `mask` and each target's
+`difficulty`.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import numpy as np
 from ztt_jax import configlib
 from ztt_jax import shards
 from ztt_jax import sources
+from ztt_jax import synthetic
 from ztt_jax import tokenizers
-from ztt_jax.errors import ConfigError, check
+from ztt_jax.errors import check
 
 # Where data.path's files come from (kept here for callers of data.*).
 BUILTIN_STDLIB = sources.BUILTIN_STDLIB
@@ -62,12 +67,15 @@ class Corpus:
       of its manifest).
     cache_path: the cache directory holding train.bin / val.bin / meta.json,
       or the prepared directory.
+    task: a built-in synthetic task (`data.path=synthetic:...`), whose
+      examples are drawn, not read: then the token arrays are empty.
   """
   tokenizer: tokenizers.Tokenizer
   train_N: np.ndarray
   val_N: np.ndarray
   meta: dict[str, Any]
   cache_path: pathlib.Path
+  task: synthetic.Task | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +359,8 @@ def load_corpus(data_config: ml_collections.ConfigDict,
   """
   options = _options(data_config)
   workdir = pathlib.Path(workdir).expanduser()
+  if synthetic.is_synthetic(options.path):
+    return _synthetic_corpus(options, workdir, write)
   if shards.is_prepared(options.path):
     return _prepare_from_shards(options, workdir, write)
   files = sources.resolve_sources(options.path)
@@ -418,7 +428,112 @@ def load_corpus(data_config: ml_collections.ConfigDict,
       meta=meta, cache_path=cache_path)
 
 
+def _synthetic_corpus(options: _Options, workdir: pathlib.Path,
+                      write: bool) -> Corpus:
+  """A synthetic task's corpus: its char alphabet as the tokenizer (saved
+  in the workdir like any other), no token arrays."""
+  task = synthetic.parse(options.path)
+  check(options.kind == 'char', f'data.path={options.path!r} is read with '
+        f'its own alphabet; set data.tokenizer=char (not {options.kind})')
+  tokenizer = tokenizers.CharTokenizer(list(task.alphabet))
+  if (workdir / tokenizers.JSON_NAME).exists():
+    saved = tokenizers.load_tokenizer(workdir)
+    check(saved.files() == tokenizer.files(), f'{workdir} holds another '
+          f'tokenizer than {options.path!r} uses; use a new --workdir')
+  elif write:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(workdir)
+  empty = np.zeros(0, np.uint8)
+  return Corpus(tokenizer=tokenizer, train_N=empty, val_N=empty,
+                meta={'path': options.path, 'task': task.name,
+                      'max_difficulty': task.max_difficulty,
+                      'vocab_size': tokenizer.vocab_size},
+                cache_path=workdir, task=task)
+
+
 # ------------------------------------------------------------------- input --
+
+
+class _DrawRows:
+  """Maps a step index to this process's rows of that step's batch of a
+  synthetic task: inputs, targets, the loss mask (1 at answers) and each
+  target's difficulty (0 elsewhere), [R, seq_len] each."""
+
+  def __init__(self, task: synthetic.Task, tokenizer, seq_len: int,
+               seed: int, stream: int, rows_R: np.ndarray):
+    self.task, self.tokenizer, self.seq_len = task, tokenizer, seq_len
+    self.seed, self.stream, self.rows_R = seed, stream, rows_R
+
+  def __call__(self, index) -> dict[str, np.ndarray]:
+    examples = [synthetic.draw(self.task, self.seed, self.stream, int(index),
+                               int(row), self.seq_len + 1)
+                for row in self.rows_R]
+    windows_RxW = np.stack([self.tokenizer.encode(e.text) for e in examples])
+    difficulty_RxT = np.stack([e.difficulty_W[1:] for e in examples])
+    return dict(_inputs_targets(windows_RxW),
+                mask=(difficulty_RxT > 0).astype(np.float32),
+                difficulty=difficulty_RxT.astype(np.int32))
+
+
+# Steps a synthetic training stream holds (it never runs out in practice).
+_SYNTHETIC_STEPS = 1 << 40
+# Evaluation examples do not depend on the run's seed: every seed of a
+# study scores the same ones.
+_SYNTHETIC_EVAL_SEED = 0
+
+
+def train_dataset(corpus: Corpus, seq_len: int, global_batch_size: int,
+                  seed: int, rows_R: Sequence[int] | None = None
+                  ) -> grain.MapDataset:
+  """`make_train_dataset` of the corpus's training tokens, or a synthetic
+  task's stream (element s: this process's rows of step s's batch, drawn
+  from (seed, s, row))."""
+  if corpus.task is None:
+    return make_train_dataset(corpus.train_N, seq_len, global_batch_size,
+                              seed, rows_R)
+  rows_R = _checked_rows(rows_R, global_batch_size)
+  return grain.MapDataset.range(_SYNTHETIC_STEPS).map(_DrawRows(
+      corpus.task, corpus.tokenizer, seq_len, seed, synthetic.TRAIN, rows_R))
+
+
+def eval_set(corpus: Corpus, seq_len: int, batch_size: int, n_batches: int,
+             split: str = 'val') -> list[dict[str, np.ndarray]]:
+  """The fixed evaluation batches: `eval_batches` of the split's tokens
+  ([] when the split is shorter than a window), or a synthetic task's
+  evaluation stream (the same whatever the run's seed)."""
+  if corpus.task is None:
+    tokens_N = corpus.val_N if split == 'val' else corpus.train_N
+    if len(tokens_N) <= seq_len:
+      return []
+    return eval_batches(tokens_N, seq_len, batch_size, n_batches)
+  draw = _DrawRows(corpus.task, corpus.tokenizer, seq_len,
+                   _SYNTHETIC_EVAL_SEED, synthetic.EVAL, np.arange(batch_size))
+  offset = 0 if split == 'val' else n_batches  # 'train': other examples.
+  return [draw(offset + i) for i in range(n_batches)]
+
+
+def sample_prompt(corpus: Corpus, seq_len: int) -> np.ndarray:
+  """The closing sample's default prompt: the first half window of the
+  validation text (or the training text), or of a synthetic example."""
+  if corpus.task is not None:
+    example = synthetic.draw(corpus.task, _SYNTHETIC_EVAL_SEED,
+                             synthetic.EVAL, 0, 0, seq_len + 1)
+    return corpus.tokenizer.encode(example.text[:seq_len // 2])
+  source = corpus.val_N if len(corpus.val_N) else corpus.train_N
+  return np.asarray(source[:seq_len // 2])
+
+
+def _checked_rows(rows_R, global_batch_size: int) -> np.ndarray:
+  check(global_batch_size > 0,
+        f'batch size {global_batch_size} must be positive')
+  rows_R = (np.arange(global_batch_size) if rows_R is None
+            else np.asarray(rows_R, dtype=np.int64))
+  check(len(rows_R) > 0 and (np.diff(rows_R) > 0).all()
+        and 0 <= rows_R[0] and rows_R[-1] < global_batch_size,
+        f'rows {rows_R.tolist()} are not ascending rows of a batch of '
+        f'{global_batch_size}')
+  return rows_R
+
 
 
 class _ReadRows:
@@ -483,14 +598,7 @@ def make_train_dataset(tokens_N: np.ndarray, seq_len: int,
     being inputs shifted by one.
   """
   _check_split(tokens_N, seq_len, 'training')
-  check(global_batch_size > 0,
-        f'batch size {global_batch_size} must be positive')
-  rows_R = (np.arange(global_batch_size) if rows_R is None
-            else np.asarray(rows_R, dtype=np.int64))
-  check(len(rows_R) > 0 and (np.diff(rows_R) > 0).all()
-        and 0 <= rows_R[0] and rows_R[-1] < global_batch_size,
-        f'rows {rows_R.tolist()} are not ascending rows of a batch of '
-        f'{global_batch_size}')
+  rows_R = _checked_rows(rows_R, global_batch_size)
   n_windows = len(tokens_N) - seq_len
   ds = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat()
   ds = ds.batch(global_batch_size, drop_remainder=True)  # Starts [B].

@@ -23,6 +23,7 @@ import numpy as np
 
 import ztt_jax
 from ztt_jax import data
+from ztt_jax import difficulty
 from ztt_jax import exits
 from ztt_jax import generate
 from ztt_jax import lru
@@ -31,9 +32,39 @@ from ztt_jax.errors import check
 
 def eval_outputs(module, params, batch) -> dict[str, jax.Array]:
   """Per-sequence loss of every exit head, `ce_CxB` (C = 1: the final
-  output only, without exit heads)."""
+  output only, without exit heads). A batch with a loss `mask` (synthetic
+  tasks) gives sums over the targets it marks instead: `ce_sum_CxB`,
+  `correct_CxB` (argmax hits) and their count `n_B`."""
   out = module.apply({'params': params}, batch['inputs'])
-  return {'ce_CxB': exits.head_losses(out, batch['targets']).mean(-1)}
+  ce_CxBxT = exits.head_losses(out, batch['targets'])
+  if 'mask' not in batch:
+    return {'ce_CxB': ce_CxBxT.mean(-1)}
+  mask_BxT = batch['mask']
+  hit_CxBxT = jnp.argmax(out.cycle_logits, -1) == batch['targets'][None]
+  return {'ce_sum_CxB': (ce_CxBxT * mask_BxT).sum(-1),
+          'correct_CxB': (hit_CxBxT * mask_BxT).sum(-1),
+          'n_B': mask_BxT.sum(-1)}
+
+
+def summarize_outputs(outs: list[Mapping[str, np.ndarray]],
+                      exit_heads: bool) -> dict[str, Any]:
+  """`val_loss` (and per exit head `val_loss_cycle`) over `eval_outputs`
+  of several batches; masked batches add `val_accuracy` (and
+  `val_accuracy_cycle`), both over the targets the mask marks."""
+  if 'n_B' not in outs[0]:
+    ce_CxB = np.concatenate([o['ce_CxB'] for o in outs], axis=1)
+    result = {'val_loss': float(ce_CxB[-1].mean())}
+    if exit_heads:
+      result['val_loss_cycle'] = ce_CxB.mean(1).tolist()
+    return result
+  n = max(float(sum(o['n_B'].sum() for o in outs)), 1.0)
+  ce_C = sum(o['ce_sum_CxB'].sum(1) for o in outs) / n
+  correct_C = sum(o['correct_CxB'].sum(1) for o in outs) / n
+  result = {'val_loss': float(ce_C[-1]), 'val_accuracy': float(correct_C[-1])}
+  if exit_heads:
+    result['val_loss_cycle'] = ce_C.tolist()
+    result['val_accuracy_cycle'] = correct_C.tolist()
+  return result
 
 
 def token_statistics(module, params, batch) -> dict[str, jax.Array]:
@@ -59,7 +90,7 @@ def _jitted(make, *args, out_sharding=None):
 
 def _pass_fn(module, rule: exits.ExitRule, per: str):
   """`run(params, batch, threshold, forced_BxT or None)` -> `(ce_BxT,
-  cycles_BxT, cycles_run)` through the real early-exit loop: one call of
+  cycles_BxT, cycles_run, correct_BxT)` through the real early-exit loop: one call of
   `generate.forward` per batch (`per='sequence'`: each sequence exits on
   its own), or token by token with the KV cache (`per='token'`: each token
   exits on its own, as when generating). `cycles_run` is what the loop
@@ -73,7 +104,8 @@ def _pass_fn(module, rule: exits.ExitRule, per: str):
         module, params, batch['inputs'], positions_BxT, None, rule,
         threshold, forced_BxT)
     return (exits.cross_entropy(logits_BxTxV, batch['targets']), cycles_BxT,
-            cycles_BxT.max().astype(jnp.float32))
+            cycles_BxT.max().astype(jnp.float32),
+            jnp.argmax(logits_BxTxV, -1) == batch['targets'])
 
   def token_pass(params, batch, threshold, forced_BxT):
     b, t = batch['inputs'].shape
@@ -89,7 +121,8 @@ def _pass_fn(module, rule: exits.ExitRule, per: str):
     _, (logits_TxBxV, cycles_TxB) = jax.lax.scan(
         step, generate.init_cache(module.cfg, b, t), jnp.arange(t))
     ce_BxT = exits.cross_entropy(logits_TxBxV, batch['targets'].T).T
-    return ce_BxT, cycles_TxB.T, cycles_TxB.max(1).astype(jnp.float32).mean()
+    return (ce_BxT, cycles_TxB.T, cycles_TxB.max(1).astype(jnp.float32).mean(),
+            jnp.argmax(logits_TxBxV, -1).T == batch['targets'])
 
   return {'sequence': sequence_pass, 'token': token_pass}[per]
 
@@ -109,6 +142,7 @@ def sweep(module, params, batches, criterion: str, thresholds,
   check(per in PER, f'per={per!r} is not one of {PER}')
   rule = exits.ExitRule(criterion, min_cycles).validate(cfg)
   run = _jitted(_pass_fn, module, rule, per, out_sharding=out_sharding)
+  masked = 'mask' in batches[0]
 
   def evaluate_rule(threshold=0.0, forced=None):
     # Always a forced array (0: the rule decides): one compile for all rows.
@@ -117,9 +151,12 @@ def sweep(module, params, batches, criterion: str, thresholds,
         jnp.zeros(b['inputs'].shape, jnp.int32) if forced is None
         else forced[i])) for i, b in enumerate(batches)]
     cycles = [o[1] for o in outs]
-    stats = dict(per=per, val_loss=float(np.mean([o[0] for o in outs])),
-                 mean_cycles=float(np.mean(cycles)),
-                 cycles_run=float(np.mean([o[2] for o in outs])))
+    if masked:  # Synthetic tasks: the answers alone, by difficulty.
+      stats = dict(per=per, **difficulty.scored(outs, batches))
+    else:
+      stats = dict(per=per, val_loss=float(np.mean([o[0] for o in outs])),
+                   mean_cycles=float(np.mean(cycles)))
+    stats['cycles_run'] = float(np.mean([o[2] for o in outs]))
     if per == 'token':  # Where the rule lets tokens go: by position.
       stats['mean_cycles_by_position'] = np.concatenate(cycles).mean(
           0).round(4).tolist()
@@ -264,12 +301,11 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
   module, params, config = ztt_jax.load(workdir, step, overrides)
   cfg = module.cfg
   corpus = data.load_corpus(config.data, workdir)
-  tokens = corpus.val_N if split == 'val' else corpus.train_N
-  check(len(tokens) > config.data.seq_len, f'the {split} split has '
-        f'{len(tokens)} tokens, fewer than one window; use --split=train')
-  eval_set = [jax.tree.map(jnp.asarray, b) for b in data.eval_batches(
-      tokens, config.data.seq_len, config.train.batch_size,
-      batches or config.train.eval_batches)]
+  eval_set = [jax.tree.map(jnp.asarray, b) for b in data.eval_set(
+      corpus, config.data.seq_len, config.train.batch_size,
+      batches or config.train.eval_batches, split)]
+  check(bool(eval_set), f'the {split} split is shorter than one window of '
+        f'{config.data.seq_len} tokens; use --split=train')
   criterion, rows = early_exit_sweep(module, params, eval_set, criterion,
                                      n_thresholds, min_cycles, per,
                                      random_baseline)
@@ -284,6 +320,14 @@ def run_eval(workdir: str, split: str = 'val', criterion: str = '',
     f.write(table + '\n')
   plot(rows, os.path.join(out_dir, f'{name}.png'),
        f'{cfg.variant}, {cfg.cycles} cycles, {split} split')
+  if corpus.task is not None:  # Known difficulty: per difficulty too.
+    by = difficulty.format_table(rows)
+    with open(os.path.join(out_dir, f'{name}.md'), 'a',
+              encoding='utf-8') as f:
+      f.write('\n' + by + '\n')
+    difficulty.plot(rows, os.path.join(out_dir, f'{name}_difficulty.png'),
+                    f'{cfg.variant}, {cfg.cycles} cycles, {corpus.task.name}')
+    table += '\n\nby difficulty:\n' + by
   n_seq = sum(b['inputs'].shape[0] for b in eval_set)
   stream.write(f'early exit on {n_seq} {split} sequences of '
                f'{config.data.seq_len} tokens ({criterion}, per {per}):\n'

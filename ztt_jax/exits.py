@@ -63,6 +63,17 @@ def head_losses(out: model_lib.ModelOutput, targets_BxT) -> jax.Array:
   return cross_entropy(out.cycle_logits, targets_BxT[None])
 
 
+def masked_mean(ce_CxBxT: jax.Array, mask_BxT: jax.Array | None
+                ) -> jax.Array:
+  """Mean over batch and positions [C]; with a mask, over the positions it
+  marks (weights: 1 at a scored target, 0 elsewhere)."""
+  c = ce_CxBxT.shape[0]
+  if mask_BxT is None:
+    return ce_CxBxT.reshape(c, -1).mean(1)
+  return (ce_CxBxT * mask_BxT).reshape(c, -1).sum(1) / jnp.maximum(
+      mask_BxT.sum(), 1)
+
+
 def exit_positions(rng: jax.Array, t: int, fraction: float) -> jax.Array:
   """`round(fraction * t)` (at least 1) distinct positions of [0, t),
   ascending, drawn with `rng`: where the early exit heads score a step."""
@@ -100,29 +111,37 @@ def chunked_cross_entropy(logits_fn, h_BxTxD: jax.Array, targets_BxT,
 
 def feature_losses(cfg: model_config.ModelConfig, logits_fn,
                    features_CxBxTxD: jax.Array, targets_BxT: jax.Array,
-                   rng: jax.Array) -> jax.Array:
+                   rng: jax.Array, mask_BxT: jax.Array | None = None
+                   ) -> jax.Array:
   """Mean token cross-entropy of every exit head [C], running the LM head
   (`logits_fn`) on the exit features (`model(..., logits=False)`).
 
   The last head scores every position; the heads before it score the
   positions `exit_positions(rng, T, model.exit_loss_fraction)` (one subset
   per call, shared by those heads). With `model.ce_chunk_len` the logits
-  come `chunked_cross_entropy`'s way.
+  come `chunked_cross_entropy`'s way. `mask_BxT` weights the positions
+  (`masked_mean`).
   """
   c, b, t, _ = features_CxBxTxD.shape
   ce = lambda h, y: chunked_cross_entropy(logits_fn, h, y, cfg.ce_chunk_len)
-  last = ce(features_CxBxTxD[-1], targets_BxT).mean()[None]
+  ce_BxT = ce(features_CxBxTxD[-1], targets_BxT)
+  last = (ce_BxT.mean()[None] if mask_BxT is None
+          else masked_mean(ce_BxT[None], mask_BxT))
   if c == 1:
     return last
   early_KxBxTxD, early_targets_BxT = features_CxBxTxD[:-1], targets_BxT
+  early_mask_BxT = mask_BxT
   if cfg.exit_loss_fraction < 1:
     where_P = exit_positions(rng, t, cfg.exit_loss_fraction)
     early_KxBxTxD = jnp.take(early_KxBxTxD, where_P, axis=2)
     early_targets_BxT = jnp.take(targets_BxT, where_P, axis=1)
+    if mask_BxT is not None:
+      early_mask_BxT = jnp.take(mask_BxT, where_P, axis=1)
   p = early_targets_BxT.shape[1]
   early_ce = ce(early_KxBxTxD.reshape((c - 1) * b, p, -1),
                 jnp.tile(early_targets_BxT, (c - 1, 1)))
-  return jnp.concatenate([early_ce.reshape(c - 1, -1).mean(1), last])
+  early_C = masked_mean(early_ce.reshape(c - 1, b, p), early_mask_BxT)
+  return jnp.concatenate([early_C, last])
 
 
 def training_loss(cfg: model_config.ModelConfig, ce_C: jax.Array) -> jax.Array:

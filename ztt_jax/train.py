@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from ztt_jax import checkpoint
@@ -60,22 +59,27 @@ def loss_fn(module, model_cfg: model_config.ModelConfig, params, batch, rng,
             deterministic: bool):
   """Training loss (exit heads weighted per `model.exit_loss`) and metrics.
 
-  With `model.exit_loss_fraction` < 1 or `model.ce_chunk_len` the model
-  stops before the LM head and `exits.feature_losses` runs it (on a subset
-  of positions for the early heads, in chunks), never holding the full
-  [C, B, T, V] logits.
+  A batch's `mask` (synthetic tasks: 1 at answers) limits the loss to
+  the targets it marks. With `model.exit_loss_fraction` < 1 or
+  `model.ce_chunk_len` the model stops before the LM head and
+  `exits.feature_losses` runs it (on a subset of positions for the early
+  heads, in chunks), never holding the full [C, B, T, V] logits.
   """
   from_features = model_cfg.loss_from_features
   out = module.apply({'params': params}, batch['inputs'],
                      deterministic=deterministic, rngs={'dropout': rng},
                      logits=not from_features)
+  mask_BxT = batch.get('mask')  # Where targets carry loss (None: all).
   if from_features:
     logits_fn = lambda h: module.apply({'params': params}, h,
                                        method=model_lib.Transformer.lm_logits)
     ce_C = exits.feature_losses(model_cfg, logits_fn, out.features,
-                                batch['targets'], jax.random.fold_in(rng, 1))
+                                batch['targets'], jax.random.fold_in(rng, 1),
+                                mask_BxT)
   else:
-    ce_C = exits.head_losses(out, batch['targets']).mean((1, 2))
+    ce_CxBxT = exits.head_losses(out, batch['targets'])
+    ce_C = (ce_CxBxT.mean((1, 2)) if mask_BxT is None
+            else exits.masked_mean(ce_CxBxT, mask_BxT))
   loss = exits.training_loss(model_cfg, ce_C)
   aux = {'ce': ce_C[-1]}
   if model_cfg.exit_heads:
@@ -337,9 +341,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
   # This process's rows of every batch: those its devices hold.
   rows_R = sharding.process_rows(batch_sharding,
                                  (t.batch_size, config.data.seq_len))
-  dataset = data.make_train_dataset(
-      setup.corpus.train_N, config.data.seq_len, t.batch_size, config.seed,
-      rows_R)
+  dataset = data.train_dataset(setup.corpus, config.data.seq_len,
+                               t.batch_size, config.seed, rows_R)
   data_iter = data.make_train_iterator(dataset)
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                  config.checkpoint.every_steps,
@@ -375,9 +378,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
     eval_set = [
         data.to_global_batch({k: v[rows_R] for k, v in b.items()},
                              batch_sharding, t.batch_size)
-        for b in data.eval_batches(setup.corpus.val_N, config.data.seq_len,
-                                   t.batch_size, t.eval_batches)
-    ] if len(setup.corpus.val_N) > config.data.seq_len else []
+        for b in data.eval_set(setup.corpus, config.data.seq_len,
+                               t.batch_size, t.eval_batches)
+    ]
     peak = t.peak_flops or metrics_lib.measure_matmul_peak()
     tokens_per_step = t.batch_size * config.data.seq_len
 
@@ -385,11 +388,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stream=None,
       if not eval_set:
         return {}
       outs = [jax.device_get(eval_fn(params, b)) for b in eval_set]
-      ce_CxB = np.concatenate([o['ce_CxB'] for o in outs], axis=1)
-      result = {'val_loss': float(ce_CxB[-1].mean())}
-      if model_cfg.exit_heads:
-        result['val_loss_cycle'] = ce_CxB.mean(1).tolist()
-      return result
+      return evaluate.summarize_outputs(outs, model_cfg.exit_heads)
 
     step = int(jax.device_get(state.step))
     start_step, last_log, t_last = step, step, time.perf_counter()
@@ -507,10 +506,8 @@ def _print_summary(writer, setup: Setup, params, eval_set, summary):
             f'{x:.3f}' for x in summary['val_loss_cycle']) + ')'
         if 'val_loss_cycle' in summary else ''))
   if config.sample.max_new_tokens > 0:
-    source = setup.corpus.val_N if len(setup.corpus.val_N) else (
-        setup.corpus.train_N)
     prompt = (tok.encode(config.sample.prompt) if config.sample.prompt
-              else np.asarray(source[:config.data.seq_len // 2]))
+              else data.sample_prompt(setup.corpus, config.data.seq_len))
     new = generate.sample(setup.module, params, prompt,
                           config.sample.max_new_tokens,
                           jax.random.key(config.seed),
